@@ -1,0 +1,199 @@
+# Copyright 2026 The hf_msvit Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""MSViT model configuration"""
+
+import importlib
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.utils import auto_docstring
+
+
+# `auto_docstring` looks the config up by folder name among transformers' built-in models and prints an error for
+# models that live outside transformers; this tells it where ours is.
+_autodoc = importlib.import_module("transformers.utils.auto_docstring")
+getattr(_autodoc, "HARDCODED_CONFIG_FOR_MODELS", {}).setdefault("msvit", "MSViTConfig")
+
+
+GATE_INPUTS = ("pixels", "embeddings")
+TOKEN_BATCHING_MODES = ("bucket", "pad", "per_image")
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"Expected an int or a pair (height, width), got {value!r}.")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+@auto_docstring(checkpoint="hf-msvit/msvit-small-patch16-224")
+@strict
+class MSViTConfig(PreTrainedConfig):
+    r"""
+    coarse_patch_size (`int`, *optional*, defaults to 32):
+        Side of a coarse region in pixels. Each region enters the encoder either as one coarse token or as
+        `(coarse_patch_size / patch_size) ** 2` fine tokens. Must be an integer multiple (>= 2) of `patch_size`.
+    gate_input (`str`, *optional*, defaults to `"pixels"`):
+        What the gate sees of a coarse region: `"pixels"` (the region's normalized pixels, flattened) or
+        `"embeddings"` (the coarse token embedding, i.e. the patch embedding of the downsampled region).
+    gate_hidden_size (`int`, *optional*, defaults to 256):
+        Width of the hidden layers of the gate MLP.
+    gate_num_layers (`int`, *optional*, defaults to 4):
+        Number of linear layers of the gate MLP (the paper uses a 4-layer MLP).
+    gate_threshold (`float`, *optional*, defaults to 0.5):
+        At inference a region is tokenized fine when its gate probability is `>= gate_threshold`. Can also be passed
+        to `forward` for one call. Higher thresholds give fewer fine regions (less compute).
+    gumbel_temperature (`float`, *optional*, defaults to 1.0):
+        Temperature of the Gumbel-sigmoid used to sample gate decisions in training.
+    gbas_target_ratio (`float`, *optional*, defaults to 0.5):
+        Target fraction of coarse regions tokenized fine: the mean of the Gaussian hyperprior of the generalized
+        batch-shaping (GBaS) loss.
+    gbas_hyperprior_std (`float`, *optional*, defaults to 0.2):
+        Standard deviation of the Gaussian hyperprior: how far the learned per-position fine ratios may spread around
+        `gbas_target_ratio`.
+    gbas_loss_weight (`float`, *optional*, defaults to 1.0):
+        Weight of the GBaS loss when it is folded into `loss`.
+    gbas_temperature_l1_weight (`float`, *optional*, defaults to 0.1):
+        Weight of the L1 penalty on the learned Relaxed-Bernoulli temperatures of the per-position priors (favours
+        peaky, nearly binary priors).
+    gbas_gather_across_processes (`bool`, *optional*, defaults to `False`):
+        In distributed training, gather the gate values of all processes before computing the GBaS loss, so that the
+        batch statistics match single-process training on the global batch.
+    token_batching (`str`, *optional*, defaults to `"bucket"`):
+        How images with different token counts share a batch in the encoder: `"bucket"` (sort by length and run
+        groups of similar length, each padded to its longest), `"pad"` (one batch padded to the longest image) or
+        `"per_image"` (one image at a time). Outputs are the same; only speed differs.
+    bucket_overhead_tokens (`int`, *optional*, defaults to 16):
+        For `token_batching="bucket"`: the fixed cost of running one more bucket, in padded tokens per image of the
+        bucket. Larger values give fewer, more padded buckets.
+    pooler_output_size (`int`, *optional*):
+        Dimensionality of the pooler layer. If None, defaults to `hidden_size`.
+    pooler_act (`str`, *optional*, defaults to `"tanh"`):
+        The activation function used by the pooler.
+
+    Example:
+
+    ```python
+    >>> from hf_msvit import MSViTConfig, MSViTModel
+
+    >>> configuration = MSViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
+    >>> model = MSViTModel(configuration)
+    ```"""
+
+    model_type = "msvit"
+    # Extra outputs that Trainer must not hand to `compute_metrics` as predictions.
+    keys_to_ignore_at_inference = [
+        "gate_loss",
+        "gate_probs",
+        "fine_region_mask",
+        "num_tokens",
+        "macs",
+        "attention_mask",
+        "hidden_states",
+        "attentions",
+    ]
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    pooler_output_size: int | None = None
+    pooler_act: str = "tanh"
+    coarse_patch_size: int = 32
+    gate_input: str = "pixels"
+    gate_hidden_size: int = 256
+    gate_num_layers: int = 4
+    gate_threshold: float | int = 0.5
+    gumbel_temperature: float | int = 1.0
+    gbas_target_ratio: float | int = 0.5
+    gbas_hyperprior_std: float | int = 0.2
+    gbas_loss_weight: float | int = 1.0
+    gbas_temperature_l1_weight: float | int = 0.1
+    gbas_gather_across_processes: bool = False
+    token_batching: str = "bucket"
+    bucket_overhead_tokens: int = 16
+
+    def __post_init__(self, **kwargs):
+        self.pooler_output_size = self.pooler_output_size if self.pooler_output_size else self.hidden_size
+        # Checked here as well as by `@strict` so that building a bad config raises a plain `ValueError`.
+        self.validate_architecture()
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Checks that the values fit together; raises `ValueError` naming the field to fix."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.patch_size < 1 or self.coarse_patch_size % self.patch_size != 0:
+            raise ValueError(
+                f"coarse_patch_size ({self.coarse_patch_size}) must be an integer multiple of patch_size "
+                f"({self.patch_size})."
+            )
+        if self.coarse_patch_size // self.patch_size < 2:
+            raise ValueError(
+                f"coarse_patch_size ({self.coarse_patch_size}) must be at least twice patch_size ({self.patch_size}), "
+                "otherwise there is nothing to choose between."
+            )
+        height, width = _pair(self.image_size)
+        if height % self.coarse_patch_size or width % self.coarse_patch_size:
+            raise ValueError(
+                f"image_size ({height}x{width}) must be divisible by coarse_patch_size ({self.coarse_patch_size}); "
+                f"use an image size that is a multiple of {self.coarse_patch_size}."
+            )
+        if self.gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}.")
+        if self.token_batching not in TOKEN_BATCHING_MODES:
+            raise ValueError(f"token_batching must be one of {TOKEN_BATCHING_MODES}, got {self.token_batching!r}.")
+        if self.gate_num_layers < 1 or self.gate_hidden_size < 1:
+            raise ValueError("gate_num_layers and gate_hidden_size must be positive.")
+        if not 0.0 <= self.gate_threshold <= 1.0:
+            raise ValueError(f"gate_threshold must lie in [0, 1], got {self.gate_threshold}.")
+        if not 0.0 < self.gbas_target_ratio < 1.0:
+            raise ValueError(f"gbas_target_ratio must lie in (0, 1), got {self.gbas_target_ratio}.")
+        if self.gbas_hyperprior_std <= 0 or self.gumbel_temperature <= 0:
+            raise ValueError("gbas_hyperprior_std and gumbel_temperature must be positive.")
+        if self.bucket_overhead_tokens < 0:
+            raise ValueError(f"bucket_overhead_tokens must be >= 0, got {self.bucket_overhead_tokens}.")
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """`image_size` as `(height, width)`."""
+        return _pair(self.image_size)
+
+    @property
+    def coarse_grid(self) -> tuple[int, int]:
+        """Number of coarse regions along height and width."""
+        height, width = self.image_hw
+        return height // self.coarse_patch_size, width // self.coarse_patch_size
+
+    @property
+    def fine_grid(self) -> tuple[int, int]:
+        """Number of fine patches along height and width."""
+        height, width = self.image_hw
+        return height // self.patch_size, width // self.patch_size
+
+
+__all__ = ["MSViTConfig"]

@@ -1,0 +1,38 @@
+# Copyright 2026 The hf_msvit Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Image processor class for MSViT (PIL backend: works without torchvision)."""
+
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
+from transformers.utils import auto_docstring
+
+
+@auto_docstring
+class MSViTImageProcessor(PilBackend):
+    r"""
+    Converts any PIL image (grayscale, RGBA, palette, ...) to RGB, resizes it to `size`, rescales to [0, 1] and
+    normalizes with the ViT statistics. The defaults match the ViT checkpoints MSViT is upcycled from.
+    """
+
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
+    size = {"height": 224, "width": 224}
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+
+
+__all__ = ["MSViTImageProcessor"]
