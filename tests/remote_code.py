@@ -25,6 +25,7 @@ def run_without_hf_msvit(snippet: str, modules_cache: str, timeout: int = 300) -
     """
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=modules_cache, PYTHONPATH="", TRANSFORMERS_VERBOSITY="error")
+    os.makedirs(modules_cache, exist_ok=True)
     code = _PRELUDE + textwrap.dedent(snippet)
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout, cwd=modules_cache

@@ -6,12 +6,21 @@ installed classes. People without this package load the same checkpoints with `t
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
 )
 
+from .models.dit import (
+    DiTBackbone,
+    DiTConfig,
+    DiTForImageClassification,
+    DiTImageProcessor,
+    DiTModel,
+    DiTPreTrainedModel,
+)
 from .models.msvit import (
     MSViTConfig,
     MSViTForImageClassification,
@@ -32,8 +41,16 @@ def _register(config_class, model_class, classification_class, image_processor_c
 
 
 _register(MSViTConfig, MSViTModel, MSViTForImageClassification, MSViTImageProcessor)
+_register(DiTConfig, DiTModel, DiTForImageClassification, DiTImageProcessor)
+AutoBackbone.register(DiTConfig, DiTBackbone, exist_ok=True)
 
 __all__ = [
+    "DiTBackbone",
+    "DiTConfig",
+    "DiTForImageClassification",
+    "DiTImageProcessor",
+    "DiTModel",
+    "DiTPreTrainedModel",
     "MSViTConfig",
     "MSViTForImageClassification",
     "MSViTImageProcessor",

@@ -28,6 +28,11 @@ getattr(_autodoc, "HARDCODED_CONFIG_FOR_MODELS", {}).setdefault("msvit", "MSViTC
 
 GATE_INPUTS = ("pixels", "embeddings")
 TOKEN_BATCHING_MODES = ("bucket", "pad", "per_image")
+AUTO_MAP = {
+    "AutoConfig": "configuration_msvit.MSViTConfig",
+    "AutoModel": "modeling_msvit.MSViTModel",
+    "AutoModelForImageClassification": "modeling_msvit.MSViTForImageClassification",
+}
 
 
 def _pair(value) -> tuple[int, int]:
@@ -136,6 +141,10 @@ class MSViTConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.pooler_output_size = self.pooler_output_size if self.pooler_output_size else self.hidden_size
+        # Every checkpoint names all our classes, so `AutoModel` also loads a classification checkpoint with
+        # trust_remote_code=True (saving only adds the class being saved).
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(AUTO_MAP)
         # Checked here as well as by `@strict` so that building a bad config raises a plain `ValueError`.
         self.validate_architecture()
         super().__post_init__(**kwargs)
@@ -195,5 +204,8 @@ class MSViTConfig(PreTrainedConfig):
         height, width = self.image_hw
         return height // self.patch_size, width // self.patch_size
 
+
+# Saving copies this file next to the weights (remote code for people without hf_msvit).
+MSViTConfig.register_for_auto_class()
 
 __all__ = ["MSViTConfig"]

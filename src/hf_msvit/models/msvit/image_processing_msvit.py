@@ -35,4 +35,6 @@ class MSViTImageProcessor(PilBackend):
     do_convert_rgb = True
 
 
+MSViTImageProcessor.register_for_auto_class("AutoImageProcessor")
+
 __all__ = ["MSViTImageProcessor"]

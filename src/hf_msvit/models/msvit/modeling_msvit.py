@@ -137,6 +137,7 @@ class MSViTGate(nn.Module):
 
     def __init__(self, config: MSViTConfig):
         super().__init__()
+        # CODEPATH: "pixels" (default, every released config) scores raw regions; "embeddings" the coarse tokens.
         if config.gate_input == "pixels":
             in_features = config.num_channels * config.coarse_patch_size**2
         else:
@@ -223,6 +224,7 @@ class MSViTEmbeddings(nn.Module):
         gate_logits = gate_probs = gate_soft = None
 
         if fine_region_mask is None:
+            # CODEPATH: "pixels" (default) or "embeddings" (then coarse tokens are embedded for every region).
             if config.gate_input == "pixels":
                 gate_inputs = patchify(pixel_values, config.coarse_patch_size)
             else:
@@ -590,6 +592,7 @@ class MSViTModel(MSViTPreTrainedModel):
         gate_loss = None
         if embedded["gate_ran"]:
             gate_values = embedded["gate_soft"]
+            # CODEPATH: multi-process training with the GBaS statistics of the global batch (off by default).
             if config.gbas_gather_across_processes and self.training:
                 gate_values = gather_across_processes(gate_values)
             gate_loss = self.batch_shaping(gate_values)
@@ -703,5 +706,9 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         head = self.classifier.weight.numel() if isinstance(self.classifier, nn.Linear) else 0
         return self.msvit.static_macs(fine) + head
 
+
+# Saving copies the model files next to the weights, so checkpoints load with trust_remote_code=True without hf_msvit.
+MSViTModel.register_for_auto_class("AutoModel")
+MSViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = ["MSViTForImageClassification", "MSViTModel", "MSViTPreTrainedModel"]

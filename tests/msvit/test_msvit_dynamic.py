@@ -1,0 +1,310 @@
+"""MSViT behaviour: dynamic tokenization, upcycling exactness, batching, MACs, Auto classes, pipeline."""
+
+import tempfile
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    ResNetConfig,
+    ResNetModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+    pipeline,
+)
+
+from hf_msvit import MSViTConfig, MSViTForImageClassification, MSViTImageProcessor, MSViTModel
+from hf_msvit.models.msvit.modeling_msvit import MSViTLayer, partition_by_length
+
+
+def tiny_config(**overrides) -> MSViTConfig:
+    values = dict(
+        image_size=64,
+        patch_size=8,
+        coarse_patch_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        gate_hidden_size=16,
+        num_labels=5,
+    )
+    values.update(overrides)
+    return MSViTConfig(**values)
+
+
+def tiny_vit(**overrides) -> ViTForImageClassification:
+    values = dict(
+        image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, num_labels=5,
+    )
+    values.update(overrides)
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(**values)).eval()
+
+
+def mixed_model(**overrides) -> MSViTForImageClassification:
+    """A random model whose gate sends roughly half the regions fine (different token counts per image)."""
+    torch.manual_seed(0)
+    model = MSViTForImageClassification(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for layer in model.msvit.embeddings.gate.layers:
+            layer.weight.mul_(8.0)
+    return model
+
+
+def images(batch=6, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 64, 64, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------- upcycling from ViT
+
+
+def test_all_fine_equals_source_vit_logits():
+    vit = tiny_vit()
+    model = MSViTForImageClassification.from_vit_pretrained(vit, coarse_patch_size=16, gate_hidden_size=16)
+    x = images(4)
+    with torch.no_grad():
+        expected = vit(x).logits
+        got = model(x, fine_region_mask=torch.ones(4, 4, 4, dtype=torch.bool))
+    torch.testing.assert_close(got.logits, expected, atol=1e-5, rtol=0)
+    assert torch.equal(got.num_tokens, torch.full((4,), 65))
+
+
+def test_upcycling_from_directory_reuses_every_backbone_weight():
+    vit = tiny_vit()
+    with tempfile.TemporaryDirectory() as tmp:
+        vit.save_pretrained(tmp)
+        model = MSViTForImageClassification.from_vit_pretrained(tmp, coarse_patch_size=16, gbas_target_ratio=0.3)
+    assert model.config.gbas_target_ratio == 0.3
+    assert model.config.id2label == vit.config.id2label
+    vit_state = vit.state_dict()
+    new = []
+    for key, value in model.state_dict().items():
+        source = key.replace("msvit.", "vit.", 1)
+        if source in vit_state:
+            assert torch.equal(value, vit_state[source]), key
+        else:
+            new.append(key)
+    assert new and all(k.startswith(("msvit.embeddings.gate.", "msvit.batch_shaping.")) for k in new), new
+
+
+def test_base_model_upcycling_matches_vit_model():
+    torch.manual_seed(0)
+    vit = ViTModel(
+        ViTConfig(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=48)
+    ).eval()
+    model = MSViTModel.from_vit_pretrained(vit, coarse_patch_size=16)
+    x = images(2)
+    with torch.no_grad():
+        expected = vit(x)
+        got = model(x, fine_region_mask=torch.ones(2, 4, 4, dtype=torch.bool))
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=1e-5, rtol=0)
+
+
+def test_non_vit_checkpoint_gets_a_clear_error():
+    resnet = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1]))
+    with pytest.raises(ValueError, match="Expected a ViT checkpoint"):
+        MSViTForImageClassification.from_vit_pretrained(resnet)
+    with tempfile.TemporaryDirectory() as tmp:
+        resnet.save_pretrained(tmp)
+        with pytest.raises(ValueError, match="model_type 'vit'.*'resnet'"):
+            MSViTForImageClassification.from_vit_pretrained(tmp)
+
+
+# --------------------------------------------------------------------------------------------- dynamic tokenization
+
+
+def test_fine_region_mask_overrides_the_gate_and_sets_token_counts():
+    model = mixed_model()
+    x = images(3)
+    mask = torch.zeros(3, 4, 4, dtype=torch.bool)
+    mask[1, 0, 0] = True
+    mask[2] = True
+    with torch.no_grad():
+        out = model(x, fine_region_mask=mask)
+    # CLS + one token per coarse region + 3 more for each fine region (2x2 fine patches per region)
+    assert out.num_tokens.tolist() == [1 + 16, 1 + 16 + 3, 1 + 64]
+    assert torch.equal(out.fine_region_mask, mask)
+    assert out.gate_probs is None and out.gate_loss is None
+
+
+@pytest.mark.parametrize("shape", [(3, 16), (3, 4, 5), (2, 4, 4)])
+def test_wrong_fine_region_mask_shape_raises(shape):
+    model = mixed_model()
+    with pytest.raises(ValueError, match="fine_region_mask must have shape"):
+        model(images(3), fine_region_mask=torch.ones(shape, dtype=torch.bool))
+
+
+def test_wrong_image_size_and_threshold_raise():
+    model = mixed_model()
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        model(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="gate_threshold"):
+        model(images(1), gate_threshold=1.5)
+
+
+def test_eval_decisions_follow_the_threshold():
+    model = mixed_model()
+    x = images(6)
+    with torch.no_grad():
+        default = model(x)
+        low, high = model(x, gate_threshold=0.2), model(x, gate_threshold=0.8)
+    assert torch.equal(default.fine_region_mask, default.gate_probs >= 0.5)
+    assert torch.equal(high.fine_region_mask, default.gate_probs >= 0.8)
+    assert low.num_tokens.sum() > default.num_tokens.sum() > high.num_tokens.sum()
+    assert len(set(default.num_tokens.tolist())) > 1, "the test needs different token counts per image"
+    scale2 = 4
+    assert torch.equal(default.num_tokens, 1 + 16 + (scale2 - 1) * default.fine_region_mask.flatten(1).sum(1))
+
+
+def test_eval_is_deterministic_and_training_samples():
+    model = mixed_model()
+    x = images(6)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert torch.equal(first.logits, second.logits)
+    model.train()
+    torch.manual_seed(3)
+    sampled = [model(x).fine_region_mask for _ in range(4)]
+    assert any(not torch.equal(sampled[0], other) for other in sampled[1:]), "Gumbel noise should vary decisions"
+
+
+@pytest.mark.parametrize("mode", ["bucket", "pad", "per_image"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_batched_equals_one_at_a_time_with_mixed_lengths(mode, attn):
+    model = mixed_model(token_batching=mode, attn_implementation=attn)
+    x = images(6)
+    with torch.no_grad():
+        batched = model(x)
+        assert len(set(batched.num_tokens.tolist())) > 1
+        for i in range(6):
+            single = model(x[i : i + 1])
+            torch.testing.assert_close(batched.logits[i], single.logits[0], atol=1e-5, rtol=1e-5)
+            assert batched.num_tokens[i] == single.num_tokens[0]
+            n = int(single.num_tokens[0])
+            assert batched.attention_mask[i].sum() == n
+
+
+def test_hidden_states_are_padded_per_image():
+    model = mixed_model(attn_implementation="eager")
+    x = images(4)
+    with torch.no_grad():
+        out = model.msvit(x, output_hidden_states=True, output_attentions=True)
+    max_len = int(out.num_tokens.max())
+    assert len(out.hidden_states) == 3 and len(out.attentions) == 2
+    assert out.hidden_states[0].shape == (4, max_len, 32)
+    assert out.attentions[0].shape == (4, 4, max_len, max_len)
+    # keys beyond an image's tokens get no attention
+    for i, n in enumerate(out.num_tokens.tolist()):
+        assert out.attentions[0][i, :, :n, n:].abs().sum() == 0
+        assert out.last_hidden_state[i, n:].abs().sum() == 0
+    assert (out.num_tokens < max_len).any(), "the test needs padding"
+
+
+def test_training_step_reaches_gate_and_priors_with_mixed_lengths():
+    model = mixed_model()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    out = model(images(6), labels=torch.tensor([0, 1, 2, 3, 4, 0]))
+    assert out.gate_loss is not None and out.gate_loss > 0
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 2, 3, 4, 0])) + out.gate_loss
+    )
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+
+
+def test_partition_by_length():
+    lengths = [5, 40, 6, 41, 5, 39, 80]
+    assert partition_by_length(lengths, "pad", 16) == [list(range(7))]
+    assert partition_by_length(lengths, "per_image", 16) == [[i] for i in range(7)]
+    groups = partition_by_length(lengths, "bucket", 16)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    assert [sorted(g) for g in groups] == [[0, 2, 4], [1, 3, 5], [6]]
+
+    def cost(gs):
+        return sum(len(g) * max(lengths[i] for i in g) + 16 for g in gs)
+
+    assert cost(groups) < cost([list(range(7))])
+    # a large fixed cost per group makes one padded group optimal
+    assert partition_by_length(lengths, "bucket", 10_000) == [sorted(range(7), key=lengths.__getitem__)]
+
+
+# ------------------------------------------------------------------------------------------------------------ MACs
+
+
+def test_macs_follow_the_token_counts():
+    model = mixed_model()
+    x = images(4)
+    with torch.no_grad():
+        out = model(x)
+    config = model.config
+    for n, macs in zip(out.num_tokens.tolist(), out.macs.tolist()):
+        tokens = n - 1
+        expected = (
+            config.num_hidden_layers * MSViTLayer.macs(config, n)
+            + tokens * 3 * 8 * 8 * 32  # patch embedding of the tokens that entered
+            + 16 * (3 * 16 * 16 * 16 + 16 * 16 * 2 + 16)  # gate on 16 regions
+            + 32 * 5  # classifier
+        )
+        assert macs == pytest.approx(expected, rel=1e-6)
+    all_fine = model(x[:1], fine_region_mask=torch.ones(1, 4, 4, dtype=torch.bool)).macs
+    assert float(all_fine) == pytest.approx(model.static_macs(fine=True), rel=1e-6)
+
+
+@pytest.mark.parametrize("fine_ratio", [0.0, 0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("gate", [False, True])
+def test_analytic_macs_match_flop_counter(fine_ratio, gate):
+    # eager attention: FlopCounterMode has no formula for the CPU fused SDPA kernel and would count 0 for it
+    model = mixed_model(gbas_target_ratio=0.5, attn_implementation="eager")
+    x = images(1)
+    num_fine = int(round(fine_ratio * 16))
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, torch.randperm(16, generator=torch.Generator().manual_seed(0))[:num_fine]] = True
+    with torch.no_grad():
+        if gate:
+            with FlopCounterMode(display=False) as counter:
+                out = model(x, gate_threshold=1.0 - fine_ratio)
+        else:
+            with FlopCounterMode(display=False) as counter:
+                out = model(x, fine_region_mask=mask.reshape(1, 4, 4))
+    measured_macs = counter.get_total_flops() / 2
+    assert float(out.macs[0]) == pytest.approx(measured_macs, rel=0.02)
+
+
+# ------------------------------------------------------------------------------------------ Auto classes, pipeline
+
+
+def test_auto_classes_and_pipeline_use_the_installed_classes():
+    model = mixed_model()
+    processor = MSViTImageProcessor(size={"height": 64, "width": 64})
+    model.config.id2label = {i: f"class_{i}" for i in range(5)}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        assert isinstance(AutoConfig.from_pretrained(tmp), MSViTConfig)
+        assert isinstance(AutoModel.from_pretrained(tmp), MSViTModel)
+        loaded = AutoModelForImageClassification.from_pretrained(tmp)
+        assert isinstance(loaded, MSViTForImageClassification)
+        assert isinstance(AutoImageProcessor.from_pretrained(tmp), MSViTImageProcessor)
+        x = images(2)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+        from PIL import Image
+
+        classifier = pipeline("image-classification", model=tmp)
+        result = classifier(Image.new("RGB", (80, 50), (200, 30, 30)), top_k=3)
+        assert len(result) == 3 and result[0]["label"].startswith("class_")
