@@ -308,3 +308,15 @@ def test_auto_classes_and_pipeline_use_the_installed_classes():
         classifier = pipeline("image-classification", model=tmp)
         result = classifier(Image.new("RGB", (80, 50), (200, 30, 30)), top_k=3)
         assert len(result) == 3 and result[0]["label"].startswith("class_")
+
+
+def test_torch_compile_gives_the_same_outputs():
+    # aot_eager traces with dynamo/AOTAutograd like inductor does, without the minutes of C++ compilation on CPU.
+    model = mixed_model()
+    x = images(4)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+        got = compiled(x)
+    torch.testing.assert_close(got.logits, expected.logits)
+    assert torch.equal(got.num_tokens, expected.num_tokens)

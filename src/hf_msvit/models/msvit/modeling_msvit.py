@@ -255,8 +255,8 @@ class MSViTEmbeddings(nn.Module):
         else:
             coarse_tokens = self.patch_embeddings(coarse_patches[keep_coarse])
         fine_tokens = self.patch_embeddings(patchify(pixel_values, config.patch_size)[keep_fine])
-        tokens = tokens.index_put((flat_index[:, :num_regions][keep_coarse],), coarse_tokens)
-        tokens = tokens.index_put((flat_index[:, num_regions:][keep_fine],), fine_tokens)
+        tokens = tokens.index_copy(0, flat_index[:, :num_regions][keep_coarse], coarse_tokens)
+        tokens = tokens.index_copy(0, flat_index[:, num_regions:][keep_fine], fine_tokens)
 
         positions = torch.cat([self.coarse_position_embeddings(), self.position_embeddings[0, 1:]], dim=0)
         tokens = tokens + positions.expand(batch_size, -1, -1)[keep]
@@ -529,7 +529,7 @@ class MSViTModel(MSViTPreTrainedModel):
             for layer in self.layers:
                 hidden_states = layer(hidden_states, attention_mask, **kwargs)
             hidden_states = self.layernorm(hidden_states) * mask_2d[..., None].to(hidden_states.dtype)
-            output = output.index_put((index,), F.pad(hidden_states, (0, 0, 0, max_len - group_len)))
+            output = output.index_copy(0, index, F.pad(hidden_states, (0, 0, 0, max_len - group_len)))
         attention_mask = (torch.arange(max_len, device=device)[None, :] < seq_lengths[:, None]).long()
         return output, attention_mask
 
