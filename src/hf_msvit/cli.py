@@ -1,0 +1,52 @@
+"""`hf-msvit`: command-line tools over the models.
+
+    hf-msvit visualize MODEL IMAGE [--output gates.png] [--gate-threshold 0.6]
+
+MODEL is a checkpoint directory or Hub id (MSViT or DiT) that carries its image processor.
+"""
+
+import argparse
+import sys
+
+
+def _visualize(args) -> int:
+    from pathlib import Path
+
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    import hf_msvit  # noqa: F401  (registers the classes)
+
+    from .visualization import visualize
+
+    if not Path(args.image).is_file():
+        print(f"error: image {args.image!r} does not exist", file=sys.stderr)
+        return 2
+    model = AutoModelForImageClassification.from_pretrained(args.model).eval()
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    kwargs = {}
+    if args.gate_threshold is not None:
+        if model.config.model_type != "msvit":
+            print("error: --gate-threshold applies to MSViT models only", file=sys.stderr)
+            return 2
+        kwargs["gate_threshold"] = args.gate_threshold
+    visualize(model, args.image, output_path=args.output, image_processor=processor, **kwargs)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-msvit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    vis = commands.add_parser("visualize", help="save a PNG of the gate decisions of a model on one image")
+    vis.add_argument("model", help="checkpoint directory or Hub id")
+    vis.add_argument("image", help="path of the image")
+    vis.add_argument("--output", default="gates.png", help="PNG to write (default: gates.png)")
+    vis.add_argument("--gate-threshold", type=float, default=None, help="MSViT: threshold for this picture")
+    args = parser.parse_args(argv)
+    if args.command == "visualize":
+        return _visualize(args)
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())
