@@ -10,7 +10,8 @@ keep ratio is set through the row gates' thresholds (see `dit_rows`). Each measu
     python benchmarks/bench_speed.py --quick              # a smoke run (small repeat counts)
     python benchmarks/make_results_table.py               # renders benchmarks/RESULTS.md from the JSON files
 
-Reported per row: images/s, latency per batch (median), peak memory (RSS growth on CPU, max allocated on GPU),
+Reported per row: images/s, latency per batch (median), peak memory during the timed calls above what the process
+held before them (peak RSS on CPU, reset through /proc/self/clear_refs; allocator peak on GPU),
 measured speedup over the baseline, ideal speedup (MAC ratio, from the models' analytic `macs`), and
 efficiency = measured / ideal.
 """
@@ -65,10 +66,32 @@ def msvit_threshold_for_ratio(msvit, pixel_values, ratio):
 # ---------------------------------------------------------------------------------------------------- measurement
 
 
+def _proc_status_mb(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_memory(device):
+    """GPU: reset the allocator's peak. CPU (Linux): reset the process's peak RSS (VmHWM) to its current RSS."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status_mb("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        return _proc_status_mb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def time_call(fn, device, min_repeats, min_seconds, warmup):
@@ -129,16 +152,14 @@ def worker(spec: dict) -> dict:
     if getattr(out, "token_keep_ratio", None) is not None:
         extra["token_keep_ratio"] = out.token_keep_ratio.float().mean().item()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    memory_before = peak_memory_mb(device)
+    memory_before = reset_peak_memory(device)
 
     def run():
         with torch.inference_mode():
             model(pixel_values, **kwargs)
 
     latency, repeats = time_call(run, device, spec["min_repeats"], spec["min_seconds"], spec["warmup"])
-    memory = peak_memory_mb(device) - (0 if device.type == "cuda" else memory_before)
+    memory = peak_memory_mb(device) - memory_before
     return {
         **spec,
         "latency_s": latency,
