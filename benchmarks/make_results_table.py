@@ -47,7 +47,9 @@ def render(payload) -> str:
         name = "MSViT-S/16" if family == "msvit" else f"DiT-{row['variant']}"
         baseline = "ViT-S/16" if family == "msvit" else f"PVTv2-{row['variant']}"
         if row["model"] == "static":
-            name, ratio, batching = baseline + " (static)", "-", "-"
+            name, ratio, batching = baseline + " (HF, static)", "-", "-"
+        elif row["model"] == "ours_static":
+            name, ratio, batching = name + " (static route)", "-", "-"
         else:
             ratio = f"{row['ratio']:.2f}"
             batching = row.get("overrides", {}).get("token_batching", "-")
