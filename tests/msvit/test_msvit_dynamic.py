@@ -178,7 +178,7 @@ def test_eval_is_deterministic_and_training_samples():
     assert any(not torch.equal(sampled[0], other) for other in sampled[1:]), "Gumbel noise should vary decisions"
 
 
-@pytest.mark.parametrize("mode", ["bucket", "pad", "per_image"])
+@pytest.mark.parametrize("mode", ["bucket", "pad", "per_image", "pack"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_batched_equals_one_at_a_time_with_mixed_lengths(mode, attn):
     model = mixed_model(token_batching=mode, attn_implementation=attn)

@@ -27,7 +27,7 @@ getattr(_autodoc, "HARDCODED_CONFIG_FOR_MODELS", {}).setdefault("msvit", "MSViTC
 
 
 GATE_INPUTS = ("pixels", "embeddings")
-TOKEN_BATCHING_MODES = ("bucket", "pad", "per_image")
+TOKEN_BATCHING_MODES = ("bucket", "pad", "per_image", "pack")
 AUTO_MAP = {
     "AutoConfig": "configuration_msvit.MSViTConfig",
     "AutoModel": "modeling_msvit.MSViTModel",
@@ -78,11 +78,12 @@ class MSViTConfig(PreTrainedConfig):
         batch statistics match single-process training on the global batch.
     token_batching (`str`, *optional*, defaults to `"bucket"`):
         How images with different token counts share a batch in the encoder: `"bucket"` (sort by length and run
-        groups of similar length, each padded to its longest), `"pad"` (one batch padded to the longest image) or
-        `"per_image"` (one image at a time). Outputs are the same; only speed differs.
+        groups of similar length, each padded to its longest), `"pad"` (one batch padded to the longest image),
+        `"per_image"` (one image at a time) or `"pack"` (all images in one sequence with a block-diagonal attention
+        mask). Outputs are the same; only speed differs (see benchmarks/RESULTS.md).
     bucket_overhead_tokens (`int`, *optional*, defaults to 16):
-        For `token_batching="bucket"`: the fixed cost of running one more bucket, in padded tokens per image of the
-        bucket. Larger values give fewer, more padded buckets.
+        For `token_batching="bucket"`: the fixed cost of running one more bucket, in tokens. Buckets are chosen to
+        minimize `sum(images * longest + bucket_overhead_tokens)`; larger values give fewer, more padded buckets.
     pooler_output_size (`int`, *optional*):
         Dimensionality of the pooler layer. If None, defaults to `hidden_size`.
     pooler_act (`str`, *optional*, defaults to `"tanh"`):

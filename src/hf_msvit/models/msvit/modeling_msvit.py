@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -502,36 +502,58 @@ class MSViTModel(MSViTPreTrainedModel):
     def get_input_embeddings(self) -> MSViTPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    def encode(self, tokens: torch.Tensor, lengths: torch.Tensor, cls: torch.Tensor, groups: list[list[int]], **kwargs):
-        """Runs the encoder on each group of images (padded to the group's longest) and returns
-        `(last_hidden_state (batch, max_len, hidden), attention_mask (batch, max_len))` in batch order."""
-        batch_size = lengths.shape[0]
-        device = tokens.device
+    def encode(self, tokens: torch.Tensor, lengths: torch.Tensor, cls: torch.Tensor, mode: str, **kwargs):
+        """Runs the encoder on every image's `[CLS, tokens]` and returns `(last_hidden_state (batch, max_len, hidden),
+        attention_mask (batch, max_len))` in batch order, zero-padded. `mode` is a `token_batching` value: groups of
+        images padded to their longest (`"bucket"`, `"pad"`, `"per_image"`) or one packed sequence (`"pack"`)."""
         seq_lengths = lengths + 1
         max_len = int(seq_lengths.max())  # trf-ignore: TRF056 the token count is data-dependent by design
+        attention_mask = (torch.arange(max_len, device=tokens.device)[None, :] < seq_lengths[:, None]).long()
         offsets = lengths.cumsum(0) - lengths
-        padded_tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[-1])], dim=0)
-        output = tokens.new_zeros(batch_size, max_len, tokens.shape[-1])
+        # one zero row at the end: where padded positions gather from
+        source = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[-1])], dim=0)
+        # CODEPATH: "pack" (measured slower on CPU, kept selectable) concatenates every image into one sequence.
+        if mode == "pack":
+            return self._encode_packed(source, lengths, offsets, cls, max_len, **kwargs), attention_mask
+
+        groups = partition_by_length(lengths.tolist(), mode, self.config.bucket_overhead_tokens)  # trf-ignore: TRF056
+        output = tokens.new_zeros(lengths.shape[0], max_len, tokens.shape[-1])
         for group in groups:
-            index = torch.tensor(group, device=device)
+            index = torch.tensor(group, device=tokens.device)
             group_len = int(seq_lengths[index].max())  # trf-ignore: TRF056 see above
-            steps = torch.arange(group_len - 1, device=device)
+            steps = torch.arange(group_len - 1, device=tokens.device)
             valid = steps[None, :] < lengths[index, None]
             gather = torch.where(valid, offsets[index, None] + steps[None, :], tokens.shape[0])
-            hidden_states = torch.cat([cls.expand(len(group), 1, -1), padded_tokens[gather]], dim=1)
-            hidden_states = self.embeddings.dropout(hidden_states)
+            hidden_states = torch.cat([cls.expand(len(group), 1, -1), source[gather]], dim=1)
             mask_2d = torch.cat([valid.new_ones(len(group), 1), valid], dim=1)
-            attention_mask = create_bidirectional_mask(
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=None if bool(mask_2d.all()) else mask_2d,
-            )
-            for layer in self.layers:
-                hidden_states = layer(hidden_states, attention_mask, **kwargs)
-            hidden_states = self.layernorm(hidden_states) * mask_2d[..., None].to(hidden_states.dtype)
+            hidden_states = self._run_layers(hidden_states, None if bool(mask_2d.all()) else mask_2d, None, **kwargs)
+            hidden_states = hidden_states * mask_2d[..., None].to(hidden_states.dtype)
             output = output.index_copy(0, index, F.pad(hidden_states, (0, 0, 0, max_len - group_len)))
-        attention_mask = (torch.arange(max_len, device=device)[None, :] < seq_lengths[:, None]).long()
         return output, attention_mask
+
+    def _encode_packed(self, source, lengths, offsets, cls, max_len, **kwargs):
+        """All images in one sequence with a block-diagonal mask (each image attends only to itself)."""
+        seq_lengths = lengths + 1
+        image_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=source.device), seq_lengths)
+        starts = seq_lengths.cumsum(0) - seq_lengths
+        steps = torch.arange(image_ids.shape[0], device=source.device) - starts[image_ids]
+        gather = torch.where(steps > 0, offsets[image_ids] + steps - 1, source.shape[0] - 1)
+        packed = torch.where((steps == 0)[:, None], cls[None, :], source[gather])[None]
+        packed = self._run_layers(packed, None, image_ids[None], **kwargs)[0]
+        output = source.new_zeros(lengths.shape[0], max_len, source.shape[-1])
+        return output.index_put((image_ids, steps), packed)
+
+    def _run_layers(self, hidden_states, padding_mask, packed_image_ids, **kwargs):
+        hidden_states = self.embeddings.dropout(hidden_states)
+        attention_mask = create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=padding_mask,
+            and_mask_function=None if packed_image_ids is None else packed_sequence_mask_function(packed_image_ids),
+        )
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return self.layernorm(hidden_states)
 
     def encoder_macs(self, num_tokens):
         """MACs of the encoder layers on sequences of `num_tokens` tokens (CLS included)."""
@@ -585,8 +607,7 @@ class MSViTModel(MSViTPreTrainedModel):
             "output_attentions", config.output_attentions
         )
         mode = "pad" if records_layers else config.token_batching
-        groups = partition_by_length(lengths.tolist(), mode, config.bucket_overhead_tokens)  # trf-ignore: TRF056
-        sequence_output, attention_mask = self.encode(embedded["tokens"], lengths, embedded["cls"], groups, **kwargs)
+        sequence_output, attention_mask = self.encode(embedded["tokens"], lengths, embedded["cls"], mode, **kwargs)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
 
         gate_loss = None
