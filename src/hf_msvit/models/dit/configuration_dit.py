@@ -28,15 +28,26 @@ getattr(_autodoc, "HARDCODED_CONFIG_FOR_MODELS", {}).setdefault("dit", "DiTConfi
 
 
 ROUTING_MODES = ("dynamic", "static", "full")
+PER_SCALE_FIELDS = (
+    "depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios",
+)  # fmt: skip
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_dit.DiTConfig",
+    "AutoModel": "modeling_dit.DiTModel",
+    "AutoModelForImageClassification": "modeling_dit.DiTForImageClassification",
+    "AutoBackbone": "modeling_dit.DiTBackbone",
+}
 
 # PVTv2-B0..B5 shapes (whai362/PVT `classification/pvt_v2.py`), with the PVTv2 drop-path rates (dit.md §4.1, §7.10).
+_NARROW, _WIDE = [32, 64, 160, 256], [64, 128, 320, 512]
 DIT_VARIANTS = {
-    "b0": {"hidden_sizes": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.1},
-    "b1": {"hidden_sizes": [64, 128, 320, 512], "depths": [2, 2, 2, 2], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.1},
-    "b2": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 6, 3], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.1},
-    "b3": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 18, 3], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.3},
-    "b4": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 8, 27, 3], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.3},
-    "b5": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 6, 40, 3], "mlp_ratios": [4, 4, 4, 4], "drop_path_rate": 0.3},
+    "b0": {"hidden_sizes": _NARROW, "depths": [2, 2, 2, 2], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.1},
+    "b1": {"hidden_sizes": _WIDE, "depths": [2, 2, 2, 2], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.1},
+    "b2": {"hidden_sizes": _WIDE, "depths": [3, 4, 6, 3], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.1},
+    "b3": {"hidden_sizes": _WIDE, "depths": [3, 4, 18, 3], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.3},
+    "b4": {"hidden_sizes": _WIDE, "depths": [3, 8, 27, 3], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.3},
+    "b5": {"hidden_sizes": _WIDE, "depths": [3, 6, 40, 3], "mlp_ratios": [4, 4, 4, 4], "drop_path_rate": 0.3},
 }
 
 
@@ -81,8 +92,8 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         Stochastic depth rate, spread linearly over the blocks of one PVTv2 pass (the same rate for every copy of a
         block in the grid).
     out_features (`list[str]`, *optional*):
-        If used as backbone, list of features to output. Can be any of `"stage1"` ... `"stage4"` (the last node column
-        at strides 4, 8, 16, 32).
+        If used as backbone, list of features to output. Can be any of `"stem"` (the stem embedding) and `"stage1"` ...
+        `"stage4"` (the last node column at strides 4, 8, 16, 32). Defaults to the last stage.
     out_indices (`list[int]`, *optional*):
         If used as backbone, list of indices of features to output.
 
@@ -135,12 +146,16 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
     _out_indices: list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        for name in ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads"):
+        for name in PER_SCALE_FIELDS[:-1]:
             setattr(self, name, [int(v) for v in getattr(self, name)])
         self.mlp_ratios = list(self.mlp_ratios)
+        # Every checkpoint names all our classes, so `AutoModel`/`AutoBackbone` also load a classification checkpoint
+        # with trust_remote_code=True (saving only adds the class being saved).
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(AUTO_MAP)
         # Checked here as well as by `@strict` so that building a bad config raises a plain `ValueError`.
         self.validate_architecture()
-        self.stage_names = [f"stage{idx}" for idx in range(1, self.num_encoder_blocks + 1)]
+        self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, self.num_encoder_blocks + 1)]
         self.set_output_features_output_indices(
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
         )
@@ -151,11 +166,12 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         num_scales = self.num_encoder_blocks
         if num_scales < 1:
             raise ValueError(f"num_encoder_blocks must be >= 1, got {num_scales}.")
-        for name in ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios"):
+        for name in PER_SCALE_FIELDS:
             values = getattr(self, name)
             if len(values) != num_scales:
                 raise ValueError(
-                    f"{name} has {len(values)} entries but num_encoder_blocks is {num_scales}; give one value per scale."
+                    f"{name} has {len(values)} entries but num_encoder_blocks is {num_scales}; "
+                    "give one value per scale."
                 )
             if any(v <= 0 for v in values):
                 raise ValueError(f"{name} must hold positive values, got {list(values)}.")
@@ -178,7 +194,9 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         if not 0.0 < self.gate_init_compute_prob < 1.0:
             raise ValueError(f"gate_init_compute_prob must lie in (0, 1), got {self.gate_init_compute_prob}.")
         if self.budget_target <= 0:
-            raise ValueError(f"budget_target must be positive (relative to the static PVTv2 cost), got {self.budget_target}.")
+            raise ValueError(
+                f"budget_target must be positive (relative to the static PVTv2 cost), got {self.budget_target}."
+            )
         if self.budget_loss_weight < 0:
             raise ValueError(f"budget_loss_weight must be >= 0, got {self.budget_loss_weight}.")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -190,7 +208,7 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         key = name.lower().removeprefix("dit-").removeprefix("dit_")
         if key not in DIT_VARIANTS:
             raise ValueError(f"Unknown DiT variant {name!r}; choose one of {sorted(DIT_VARIANTS)}.")
-        values = dict(DIT_VARIANTS[key])
+        values = {name: list(v) if isinstance(v, list) else v for name, v in DIT_VARIANTS[key].items()}
         values.update(overrides)
         return cls(**values)
 
@@ -203,5 +221,8 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         """Column of the one stage per scale that the static (PVTv2) route runs: stage `i` at column `i`."""
         return list(range(self.num_encoder_blocks))
 
+
+# Saving copies this file next to the weights (remote code for people without hf_msvit).
+DiTConfig.register_for_auto_class()
 
 __all__ = ["DiTConfig"]

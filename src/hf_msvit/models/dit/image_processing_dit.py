@@ -37,4 +37,6 @@ class DiTImageProcessor(PilBackend):
     do_convert_rgb = True
 
 
+DiTImageProcessor.register_for_auto_class("AutoImageProcessor")
+
 __all__ = ["DiTImageProcessor"]

@@ -1,0 +1,513 @@
+"""DiT routing: config checks, variants, sparse paths against the dense reference, MAC accounting (analytic vs
+FlopCounterMode vs the paper), budget loss, EMA gates, eval determinism, eager = sdpa, torch.compile, DDP safety."""
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTModel
+from hf_msvit.models.dit.modeling_dit import DiTGate, DiTStage, dit_route_macs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny models on a shared 2-core machine: several intra-op threads mostly spin. One is faster here.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**overrides) -> DiTConfig:
+    values = {
+        "image_size": 64,
+        "hidden_sizes": [8, 16, 24, 32],
+        "num_attention_heads": [1, 2, 3, 4],
+        "depths": [1, 2, 1, 1],
+        "sr_ratios": [4, 2, 1, 1],
+        "mlp_ratios": [2, 2, 2, 2],
+        "num_labels": 5,
+        # p(open) = 0.5 and larger gate weights: a random model routes part of the tokens and images.
+        "gate_init_compute_prob": 0.5,
+        "initializer_range": 0.2,
+        "attn_implementation": "eager",
+    }
+    values.update(overrides)
+    return DiTConfig(**values)
+
+
+def pixels(batch=3, size=64, seed=0):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def build(model_class=DiTForImageClassification, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return model_class(tiny_config(**overrides)).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"routing_mode": "sometimes"}, "routing_mode"),
+        ({"depths": [1, 1, 1]}, "depths has 3 entries"),
+        ({"hidden_sizes": [8, 16, 24, 30], "num_attention_heads": [1, 2, 3, 4]}, "divisible"),
+        ({"num_routing_columns": 3}, "num_routing_columns"),
+        ({"gumbel_temperature": 0.0}, "gumbel_temperature"),
+        ({"gate_ema_momentum": 1.0}, "gate_ema_momentum"),
+        ({"gate_init_compute_prob": 1.0}, "gate_init_compute_prob"),
+        ({"budget_target": 0.0}, "budget_target"),
+        ({"budget_loss_weight": -1.0}, "budget_loss_weight"),
+        ({"sr_ratios": [8, 4, 0, 1]}, "sr_ratios"),
+    ],
+)
+def test_inconsistent_config_raises_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DiTConfig(**overrides)
+
+
+def test_from_variant_gives_pvt_v2_shapes():
+    expected_depths = {"b0": [2, 2, 2, 2], "b1": [2, 2, 2, 2], "b2": [3, 4, 6, 3], "b3": [3, 4, 18, 3],
+                       "b4": [3, 8, 27, 3], "b5": [3, 6, 40, 3]}  # fmt: skip
+    for name, depths in expected_depths.items():
+        config = DiTConfig.from_variant(name)
+        assert config.depths == depths
+        assert config.hidden_sizes == ([32, 64, 160, 256] if name == "b0" else [64, 128, 320, 512])
+        assert config.mlp_ratios == ([4, 4, 4, 4] if name == "b5" else [8, 8, 4, 4])
+        assert config.num_attention_heads == [1, 2, 5, 8]
+        assert config.sr_ratios == [8, 4, 2, 1]
+        assert config.num_routing_columns == 4 and config.routing_mode == "dynamic"
+    config = DiTConfig.from_variant("B2", routing_mode="static", num_labels=10)
+    assert config.routing_mode == "static" and config.num_labels == 10
+    with pytest.raises(ValueError, match="Unknown DiT variant"):
+        DiTConfig.from_variant("b9")
+
+
+def test_config_round_trip_and_trainer_keys(tmp_path):
+    config = tiny_config(routing_mode="full", budget_target=0.8)
+    config.save_pretrained(tmp_path)
+    loaded = DiTConfig.from_pretrained(tmp_path)
+    assert loaded.routing_mode == "full" and loaded.budget_target == 0.8 and loaded.depths == [1, 2, 1, 1]
+    for key in ("budget_loss", "macs", "column_gates", "token_keep_ratio"):
+        assert key in DiTConfig.keys_to_ignore_at_inference
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sparse (gather) paths equal the dense masked reference
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("scale", [0, 1, 3])
+def test_stage_gather_path_equals_dense_masked_reference(scale, attn_implementation):
+    config = tiny_config(attn_implementation=attn_implementation)
+    model = DiTModel(config).eval()
+    stage: DiTStage = model.grid[scale][0]
+    side = 16 >> scale
+    generator = torch.Generator().manual_seed(scale)
+    hidden = torch.randn(4, side * side, config.hidden_sizes[scale], generator=generator)
+    selected = torch.rand(4, side * side, generator=generator) < 0.5
+    selected[1] = True  # one image computes every token
+    selected[2] = False  # one computes none
+    selected[3, 1:] = False  # one computes a single token
+    selected[3, 0] = True
+    with torch.no_grad():
+        reference = stage(hidden, side, side, selected.float())
+        gathered = stage.forward_selected(hidden, side, side, selected)
+        dense = stage(hidden, side, side)
+    torch.testing.assert_close(gathered, reference, atol=1e-5, rtol=1e-5)
+    # skipped tokens pass by identity; an image with every token selected equals the plain stage
+    torch.testing.assert_close(gathered[~selected], hidden[~selected])
+    torch.testing.assert_close(gathered[1], dense[1], atol=1e-5, rtol=1e-5)
+
+
+def test_model_sparse_inference_equals_dense_reference(monkeypatch):
+    """The inference forward (sub-batches, gathered tokens, skipped nodes) gives the same outputs as the dense training
+    path run with the same (deterministic) gate decisions."""
+    model = build()
+    batch = pixels(4)
+    with torch.no_grad():
+        sparse = model(batch, output_hidden_states=True)
+    assert 0 < sparse.token_keep_ratio.mean() < 1, "the random gates should route part of the tokens"
+    assert 0 < sparse.column_gates.mean() < 1, "the random gates should route part of the images"
+
+    deterministic = DiTGate.forward
+
+    def eval_decisions(gate, features):
+        was_training = gate.training
+        gate.training = False
+        try:
+            return deterministic(gate, features)
+        finally:
+            gate.training = was_training
+
+    monkeypatch.setattr(DiTGate, "forward", eval_decisions)
+    model.train()  # dense path: every node computed, multiplied by the decisions (no dropout / drop-path here)
+    with torch.no_grad():
+        dense = model(batch, output_hidden_states=True)
+    torch.testing.assert_close(dense.logits, sparse.logits, atol=1e-5, rtol=1e-5)
+    for dense_map, sparse_map in zip(dense.hidden_states, sparse.hidden_states):
+        torch.testing.assert_close(dense_map, sparse_map, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense.macs, sparse.macs)
+    torch.testing.assert_close(dense.token_keep_ratio, sparse.token_keep_ratio)
+    torch.testing.assert_close(dense.column_gates, sparse.column_gates)
+
+
+def test_image_output_does_not_depend_on_the_batch():
+    model = build()
+    batch = pixels(4)
+    with torch.no_grad():
+        together = model(batch)
+        alone = [model(batch[i : i + 1]) for i in range(4)]
+    torch.testing.assert_close(torch.cat([o.logits for o in alone]), together.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([o.macs for o in alone]), together.macs)
+    assert len(set(together.macs.tolist())) > 1, "images should take different routes"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Routing modes and MAC accounting
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_static_and_full_macs_equal_the_analytic_count():
+    for mode in ("static", "full"):
+        model = build(routing_mode=mode)
+        with torch.no_grad():
+            out = model(pixels(2))
+        head = model.classifier.weight.numel()
+        expected = dit_route_macs(model.config, 64, 64, mode) + head
+        assert out.macs.tolist() == [expected, expected]
+        assert model.static_macs(routing_mode=mode) == expected == model.dit.static_macs(64, mode) + head
+        assert out.budget_loss is None
+        keep = out.token_keep_ratio[0]
+        if mode == "static":
+            assert torch.equal(keep, torch.eye(4)), keep  # stage i at column i, every token
+            taken = torch.zeros(3, 5)
+            taken[[0, 1, 2], [1, 2, 3]] = 1
+            assert torch.equal(out.column_gates[0], taken)
+        else:
+            assert torch.equal(keep, torch.ones(4, 4)) and torch.equal(out.column_gates[0], torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (75, 50)])
+@pytest.mark.parametrize("routing_mode", ["static", "full", "dynamic"])
+def test_macs_match_flop_counter(routing_mode, size):
+    """The analytic per-image `macs` equal what FlopCounterMode measures on the same forward, within 2%."""
+    model = build(routing_mode=routing_mode)  # eager attention: CPU sdpa kernels are invisible to FlopCounterMode
+    batch = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(batch)
+    measured_macs = counter.get_total_flops() / 2
+    assert measured_macs > 0
+    assert abs(out.macs.sum().item() - measured_macs) / measured_macs < 0.02, (out.macs.sum().item(), measured_macs)
+
+
+# PVTv2's published GFLOPs at 224x224 (PVTv2 paper, Table 1 of the DiT paper).
+PUBLISHED_PVT_V2_GMACS = {"b1": 2.1, "b2": 4.0, "b3": 6.9, "b4": 10.1, "b5": 11.8}
+
+
+@pytest.mark.parametrize("variant", sorted(PUBLISHED_PVT_V2_GMACS))
+def test_static_route_matches_published_pvt_v2_gmacs(variant):
+    config = DiTConfig.from_variant(variant, routing_mode="static")  # analytic: no weights are built
+    gmacs = (dit_route_macs(config, 224, 224, "static") + 512 * 1000) / 1e9
+    published = PUBLISHED_PVT_V2_GMACS[variant]
+    assert abs(gmacs - published) / published < 0.03, (variant, gmacs, published)
+
+
+def test_full_route_costs_about_four_times_static_for_b2():
+    config = DiTConfig.from_variant("b2")
+    static = dit_route_macs(config, 224, 224, "static")
+    full = dit_route_macs(config, 224, 224, "full")
+    assert 3.8 < full / static < 4.3, full / static  # the paper's "Fully": 15.6 vs 3.8 GFLOPs (x4.1)
+    assert abs(full / 1e9 - 15.6) / 15.6 < 0.05, full / 1e9
+
+
+def test_analytic_route_cost_needs_a_fixed_route():
+    with pytest.raises(ValueError, match="static"):
+        dit_route_macs(tiny_config(), 64, 64, "dynamic")
+
+
+def test_output_node_is_reached_even_with_every_column_gate_closed():
+    model = build()
+    with torch.no_grad():
+        for row in model.dit.column_gates:
+            for gate in row:
+                gate.bias.copy_(torch.tensor([10.0, -10.0]))
+        out = model(pixels(2), output_hidden_states=True)
+    assert torch.isfinite(out.logits).all()
+    # only the last column's edges are taken (forced open), so each scale is entered exactly there
+    assert torch.equal(out.column_gates[:, :, :-1], torch.zeros(2, 3, 4))
+    assert torch.equal(out.column_gates[:, :, -1], torch.ones(2, 3))
+    assert (out.token_keep_ratio[:, 1:] == 0).all()  # no stage below scale 0 ran
+    assert (out.macs < dit_route_macs(model.config, 64, 64, "static")).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: budget loss, Gumbel, EMA, DDP safety
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_budget_loss_is_folded_into_loss_and_reaches_every_gate():
+    model = build(budget_loss_weight=0.5, budget_target=0.3)
+    model.train()
+    labels = torch.tensor([0, 1, 2])
+    torch.manual_seed(1)
+    out = model(pixels(3), labels=labels)
+    cross_entropy = torch.nn.functional.cross_entropy(out.logits, labels)
+    torch.testing.assert_close(out.loss, cross_entropy + 0.5 * out.budget_loss)
+    static_cost = dit_route_macs(model.config, 64, 64, "static")
+    backbone_macs = out.macs - model.classifier.weight.numel()  # the budget is about the routed grid
+    torch.testing.assert_close(out.budget_loss, (backbone_macs.mean() / static_cost - 0.3) ** 2)
+
+    out.budget_loss.backward()
+    row_grads = [gate.weight.grad for row in model.dit.row_gates for gate in row]
+    column_grads = [gate.weight.grad for row in model.dit.column_gates for gate in row]
+    assert all(g is not None for g in row_grads + column_grads)
+    assert sum(g.abs().sum() for g in row_grads) > 0
+    assert sum(g.abs().sum() for g in column_grads) > 0
+
+
+def test_dynamic_training_puts_every_parameter_in_the_graph():
+    """DDP with find_unused_parameters=False works in dynamic mode: every parameter gets a gradient every step."""
+    model = build()
+    model.train()
+    out = model(pixels(2), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_static_training_leaves_off_route_parameters_unused():
+    """The DDP-unsafe situation the docs warn about: static (and full) routing never runs the gates (static also skips
+    off-route stages), so DDP needs `find_unused_parameters=True` (Trainer's default unless gradient checkpointing)."""
+    model = build(routing_mode="static")
+    model.train()
+    model(pixels(2), labels=torch.tensor([0, 1])).loss.backward()
+    unused = {name.split(".")[1] for name, p in model.named_parameters() if p.grad is None}
+    assert unused == {"grid", "patch_embeddings", "row_gates", "column_gates"}, unused
+
+
+def test_training_samples_gates_and_updates_ema_while_eval_is_deterministic():
+    model = build()
+    gate = model.dit.row_gates[0][0]
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    with torch.no_grad():
+        first, second = model(pixels(2)), model(pixels(2))
+    torch.testing.assert_close(first.logits, second.logits, atol=0, rtol=0)
+    assert all(torch.equal(before[name], buffer) for name, buffer in model.named_buffers()), "eval mutated buffers"
+
+    model.train()
+    torch.manual_seed(0)
+    model(pixels(2))
+    assert gate.ema_steps.item() == 1
+    torch.testing.assert_close(gate.inference_weights()[0], gate.weight.detach())  # bias-corrected first step
+    torch.manual_seed(0)
+    decisions = [model(pixels(2)).token_keep_ratio for _ in range(3)]
+    assert not all(torch.equal(decisions[0], d) for d in decisions[1:]), "Gumbel sampling should vary decisions"
+
+
+def test_ema_weights_are_saved_and_used_at_inference(tmp_path):
+    model = build()
+    model.train()
+    for _ in range(3):
+        out = model(pixels(2), labels=torch.tensor([0, 1]))
+        out.loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.5 * p.grad
+                    p.grad = None
+    model.eval()
+    gate = model.dit.row_gates[1][2]
+    assert not torch.allclose(gate.inference_weights()[0], gate.weight)  # EMA lags the trained weights
+    with torch.no_grad():
+        expected = model(pixels(2))
+    model.save_pretrained(tmp_path)
+    loaded = DiTForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.dit.row_gates[1][2].ema_steps.item() == 3
+    with torch.no_grad():
+        actual = loaded(pixels(2))
+    torch.testing.assert_close(actual.logits, expected.logits)
+    torch.testing.assert_close(actual.macs, expected.macs)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = build(seed=3)
+    model.train()
+    batch, labels = pixels(2), torch.tensor([0, 1])
+    torch.manual_seed(0)
+    model(batch, labels=labels).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    model(batch, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention backends, compile, backbone
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("routing_mode", ["static", "dynamic"])
+def test_eager_equals_sdpa(routing_mode):
+    model = build(routing_mode=routing_mode)
+    batch = pixels(3)
+    with torch.no_grad():
+        eager = model(batch)
+        model.set_attn_implementation("sdpa")
+        sdpa = model(batch)
+    torch.testing.assert_close(sdpa.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa.macs, eager.macs)
+
+
+def test_torch_compile_static_route_is_one_graph():
+    model = build(routing_mode="static", attn_implementation="sdpa")
+    batch = pixels(2)
+    with torch.no_grad():
+        expected = model(batch)
+        actual = torch.compile(model, backend="aot_eager", fullgraph=True)(batch)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.macs, expected.macs)
+
+
+def test_torch_compile_dynamic_route_matches_eager():
+    """Data-dependent routing compiles with graph breaks (`_can_compile_fullgraph = False`); a 2x2 grid is quick."""
+    torch._dynamo.reset()
+    model = build(
+        attn_implementation="sdpa", num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[8, 16],
+        num_attention_heads=[1, 2], sr_ratios=[2, 1], mlp_ratios=[2, 2], patch_sizes=[7, 3], strides=[4, 2],
+        num_routing_columns=2,
+    )  # fmt: skip
+    batch = pixels(2)
+    with torch.no_grad():
+        expected = model(batch)
+        actual = torch.compile(model, backend="eager")(batch)
+    assert 0 < expected.token_keep_ratio.mean() < 1
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.macs, expected.macs)
+
+
+def test_backbone_from_classification_checkpoint(tmp_path):
+    model = build()
+    model.save_pretrained(tmp_path)
+    # transformers 5.23's `AutoBackbone.from_pretrained` asks the Hub whether a *local* path is a repo (and fails), so
+    # load with the class; `AutoBackbone.from_config` (what dense heads call) is checked below.
+    backbone = DiTBackbone.from_pretrained(tmp_path, out_features=["stage1", "stage2", "stage3", "stage4"]).eval()
+    batch = pixels(2)
+    with torch.no_grad():
+        features = backbone(batch).feature_maps
+        hidden = model.dit(batch, output_hidden_states=True).hidden_states
+    assert [tuple(f.shape[-2:]) for f in features] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    for feature, reference in zip(features, hidden[1:]):
+        torch.testing.assert_close(feature, reference)
+
+
+def test_backbone_plugs_into_upernet():
+    from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
+
+    backbone_config = tiny_config(out_features=["stage1", "stage2", "stage3", "stage4"])
+    assert isinstance(AutoBackbone.from_config(backbone_config), DiTBackbone)
+    config = UperNetConfig(backbone_config=backbone_config, hidden_size=16, auxiliary_in_channels=24, num_labels=4)
+    model = UperNetForSemanticSegmentation(config).eval()
+    with torch.no_grad():
+        logits = model(pixels(2)).logits
+    assert logits.shape == (2, 4, 64, 64)
+
+
+def test_ddp_training_step_in_dynamic_mode_without_find_unused_parameters():
+    """Two gloo processes, `find_unused_parameters=False`, dynamic routing: two steps run (no reduction error)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # fork: the workers inherit the imported modules (spawn would re-import torch and transformers, ~10 s)
+        mp.start_processes(
+            _ddp_worker, args=(2, os.path.join(tmp, "rendezvous")), nprocs=2, join=True, start_method="fork"
+        )
+
+
+def _ddp_worker(rank, world_size, init_file):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = build(seed=0)
+        model.train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for step in range(2):
+            torch.manual_seed(10 * rank + step)
+            out = ddp(pixels(2, seed=rank + step), labels=torch.tensor([0, 1]))
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if not math.isfinite(out.loss.item()):
+            raise RuntimeError("non-finite loss")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_return_dict_false_in_config_gives_tuples():
+    model = build(return_dict=False)
+    with torch.no_grad():
+        logits, budget_loss, macs, column_gates, keep = model(pixels(2))
+    assert logits.shape == (2, 5) and macs.shape == (2,) and keep.shape == (2, 4, 4)
+    backbone = build(DiTBackbone, return_dict=False, out_features=["stage1", "stage4"])
+    with torch.no_grad():
+        feature_maps = backbone(pixels(2))[0]
+    assert [f.shape[1] for f in feature_maps] == [8, 32]
+
+
+def test_pipeline_and_trainer_see_only_logits(tmp_path):
+    """`keys_to_ignore_at_inference` keeps `macs`, gates and the budget loss out of Trainer's predictions."""
+    from PIL import Image
+    from transformers import Trainer, TrainingArguments, pipeline
+
+    from hf_msvit import DiTImageProcessor
+
+    model = build()
+    processor = DiTImageProcessor(size={"height": 64, "width": 64})
+    classifier = pipeline("image-classification", model=model, image_processor=processor)
+    assert len(classifier(Image.new("RGB", (40, 50)), top_k=2)) == 2
+
+    data = [{"pixel_values": pixels(1, seed=i)[0], "labels": i % 5} for i in range(4)]
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+        max_steps=2, report_to=[], save_strategy="no", dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, compute_metrics=compute_metrics)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert seen["shape"] == (4, 5) and "eval_accuracy" in metrics
+
+
+def test_bfloat16_model_counts_macs_in_float32():
+    model = build(routing_mode="static").to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(pixels(2).to(torch.bfloat16))
+    assert out.logits.dtype == torch.bfloat16 and out.macs.dtype == torch.float32
+    assert out.macs[0].item() == dit_route_macs(model.config, 64, 64, "static") + model.classifier.weight.numel()
+    model = build().to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.isfinite(model(pixels(2).to(torch.bfloat16)).logits).all()
+    model.train()
+    out = model(pixels(2).to(torch.bfloat16), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert out.macs.dtype == torch.float32 and torch.isfinite(out.loss)
