@@ -200,14 +200,18 @@ def test_static_and_full_macs_equal_the_analytic_count():
 @pytest.mark.parametrize("size", [(64, 64), (75, 50)])
 @pytest.mark.parametrize("routing_mode", ["static", "full", "dynamic"])
 def test_macs_match_flop_counter(routing_mode, size):
-    """The analytic per-image `macs` equal what FlopCounterMode measures on the same forward, within 2%."""
+    """The analytic per-image `macs` equal what FlopCounterMode measures on the same forward, within 2%.
+
+    One image per forward: in a batch, the gather path pads every image to the most selected tokens of the batch,
+    and that padding is compute the batch spends but no image's `macs` (see benchmarks/RESULTS.md for its cost)."""
     model = build(routing_mode=routing_mode)  # eager attention: CPU sdpa kernels are invisible to FlopCounterMode
     batch = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(batch)
-    measured_macs = counter.get_total_flops() / 2
-    assert measured_macs > 0
-    assert abs(out.macs.sum().item() - measured_macs) / measured_macs < 0.02, (out.macs.sum().item(), measured_macs)
+    for image in batch:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = model(image[None])
+        measured_macs = counter.get_total_flops() / 2
+        assert measured_macs > 0
+        assert abs(out.macs.item() - measured_macs) / measured_macs < 0.02, (out.macs.item(), measured_macs)
 
 
 # PVTv2's published GFLOPs at 224x224 (PVTv2 paper, Table 1 of the DiT paper).
