@@ -17,4 +17,11 @@ from _hf_common_tests import ensure_common_tests  # noqa: E402
 
 ensure_common_tests()
 
+import torch  # noqa: E402
+
 import hf_msvit  # noqa: E402,F401  (registers the Auto classes)
+
+
+# Tiny test models run fastest on one thread; with more, thread start-up dominates and any other load on the machine
+# slows every op down by a large factor.
+torch.set_num_threads(1)

@@ -7,14 +7,6 @@ from transformers import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification
 from hf_msvit import DiTBackbone, DiTForImageClassification, DiTModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_pvt_v2(**overrides) -> PvtV2ForImageClassification:
     values = {
         "image_size": 64,

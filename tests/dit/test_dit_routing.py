@@ -13,15 +13,6 @@ from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTModel
 from hf_msvit.models.dit.modeling_dit import DiTGate, DiTStage, dit_route_macs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models on a shared 2-core machine: several intra-op threads mostly spin. One is faster here.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_config(**overrides) -> DiTConfig:
     values = {
         "image_size": 64,

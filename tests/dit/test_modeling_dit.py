@@ -2,7 +2,6 @@
 
 import unittest
 
-import pytest
 import torch
 from transformers.models.auto import modeling_auto
 from transformers_tests.test_backbone_common import BackboneTesterMixin
@@ -11,16 +10,6 @@ from transformers_tests.test_image_processing_common import ImageProcessingTeste
 from transformers_tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 
 from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTImageProcessor, DiTModel
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models on a shared 2-core machine: with several intra-op threads torch spends its time spinning (measured
-    # 50-100x slower when another process is busy). One thread per test process is faster here.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # The common tests decide from transformers' *built-in* mapping names which classes get labels and which are base
