@@ -320,3 +320,15 @@ def test_torch_compile_gives_the_same_outputs():
         got = compiled(x)
     torch.testing.assert_close(got.logits, expected.logits)
     assert torch.equal(got.num_tokens, expected.num_tokens)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.8])
+def test_gate_starts_at_the_target_ratio(target):
+    """Fresh and upcycled gates start with every region near p(fine) = gbas_target_ratio."""
+    x = images(4)
+    fresh = MSViTForImageClassification(tiny_config(gbas_target_ratio=target)).eval()
+    upcycled = MSViTForImageClassification.from_vit_pretrained(tiny_vit(), coarse_patch_size=16, gbas_target_ratio=target)
+    for model in (fresh, upcycled):
+        with torch.no_grad():
+            probs = model(x).gate_probs
+        assert float(probs.mean()) == pytest.approx(target, abs=0.05)

@@ -81,7 +81,7 @@ class MSViTConfig(PreTrainedConfig):
         groups of similar length, each padded to its longest), `"pad"` (one batch padded to the longest image),
         `"per_image"` (one image at a time) or `"pack"` (all images in one sequence with a block-diagonal attention
         mask). Outputs are the same; only speed differs (see benchmarks/RESULTS.md).
-    bucket_overhead_tokens (`int`, *optional*, defaults to 16):
+    bucket_overhead_tokens (`int`, *optional*, defaults to 256):
         For `token_batching="bucket"`: the fixed cost of running one more bucket, in tokens. Buckets are chosen to
         minimize `sum(images * longest + bucket_overhead_tokens)`; larger values give fewer, more padded buckets.
     pooler_output_size (`int`, *optional*):
@@ -138,7 +138,7 @@ class MSViTConfig(PreTrainedConfig):
     gbas_temperature_l1_weight: float | int = 0.1
     gbas_gather_across_processes: bool = False
     token_batching: str = "bucket"
-    bucket_overhead_tokens: int = 16
+    bucket_overhead_tokens: int = 256
 
     def __post_init__(self, **kwargs):
         self.pooler_output_size = self.pooler_output_size if self.pooler_output_size else self.hidden_size

@@ -143,7 +143,10 @@ class MSViTGate(nn.Module):
         else:
             in_features = config.hidden_size
         sizes = [in_features] + [config.gate_hidden_size] * (config.gate_num_layers - 1) + [1]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=b > 1) for a, b in zip(sizes[:-1], sizes[1:]))
+        # The output bias is the gate's own parameter (initialized to logit(gbas_target_ratio)) rather than the last
+        # Linear's, so that the generic Linear initialization cannot reset it.
+        self.logit_bias = nn.Parameter(torch.zeros(()))
         self.activation = nn.GELU()
 
     def forward(self, region_features: torch.Tensor) -> torch.Tensor:
@@ -153,7 +156,7 @@ class MSViTGate(nn.Module):
             if index > 0:
                 hidden = self.activation(hidden)
             hidden = layer(hidden)
-        return hidden.squeeze(-1)
+        return hidden.squeeze(-1) + self.logit_bias
 
     def macs(self, num_regions):
         """MACs of scoring `num_regions` regions."""
@@ -460,7 +463,7 @@ class MSViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MSViTGate):
             # Start every region near the target fine ratio; GBaS then makes the decisions input-dependent.
             target = self.config.gbas_target_ratio
-            init.constant_(module.layers[-1].bias, math.log(target / (1.0 - target)))
+            init.constant_(module.logit_bias, math.log(target / (1.0 - target)))
         elif isinstance(module, GeneralizedBatchShaping):
             target = self.config.gbas_target_ratio
             init.constant_(module.prior_mean_logits, math.log(target / (1.0 - target)))
