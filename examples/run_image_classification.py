@@ -184,6 +184,20 @@ class ModelArguments:
     backbone_max_steps: int = field(
         default=-1, metadata={"help": "If > 0: steps of the backbone phase (overrides --backbone_epochs)."}
     )
+    backbone_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Fresh models: stop after the static backbone phase (the trained ViT / PVTv2 is in "
+            "<output_dir>/phase-backbone/final), e.g. to train the static baselines of a comparison the same way."
+        },
+    )
+    pvt_variant: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fresh DiT: PVTv2 shape of the backbone, 'b0'..'b5' (default: a smaller one, hidden sizes "
+            "32/64/96/128 and one block per stage, for quick runs)."
+        },
+    )
 
 
 @dataclass
@@ -347,9 +361,14 @@ def fresh_backbone(model_args: ModelArguments, image_size: int, id2label, label2
             **common,
         )
         return transformers.ViTForImageClassification(config)
-    config = transformers.PvtV2Config(
-        hidden_sizes=[32, 64, 96, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4], **common
-    )
+    if model_args.pvt_variant:
+        shape = get_model_classes("dit_routing")["config"].from_variant(model_args.pvt_variant)
+        fields = ("hidden_sizes", "depths", "num_attention_heads", "mlp_ratios", "sr_ratios", "patch_sizes", "strides")
+        config = transformers.PvtV2Config(**{name: getattr(shape, name) for name in fields}, **common)
+    else:
+        config = transformers.PvtV2Config(
+            hidden_sizes=[32, 64, 96, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4], **common
+        )
     return transformers.PvtV2ForImageClassification(config)
 
 
@@ -581,6 +600,10 @@ def main(argv=None):
             backbone_metrics = trainer.evaluate(metric_key_prefix="backbone_eval")
         del trainer
         gc.collect()
+        if model_args.backbone_only:
+            path = os.path.join(training_args.output_dir, "phase-backbone", "final")
+            print(f"Static backbone trained: {path} (eval: {backbone_metrics})")
+            return backbone_metrics or {}
 
     if model is None:
         overrides = gate_overrides(model_args, model_type)
