@@ -153,7 +153,8 @@ def worker(spec: dict) -> dict:
         extra["fine_ratio"] = out.fine_region_mask.float().mean().item()
         extra["num_tokens_min_max"] = [int(out.num_tokens.min()), int(out.num_tokens.max())]
     if getattr(out, "token_keep_ratio", None) is not None:
-        extra["token_keep_ratio"] = out.token_keep_ratio.float().mean().item()
+        keep = out.token_keep_ratio.float()
+        extra["stage_keep_ratio"] = keep[keep > 0].mean().item()  # over the stages that ran
 
     memory_before = reset_peak_memory(device)
 
@@ -187,7 +188,7 @@ def static_macs(family, variant, overrides):
     if family == "msvit":
         _, msvit = build_msvit_pair(**overrides)
         return msvit.static_macs(fine=True)
-    from dit_bench import build_dit_pair, static_dit_macs
+    from dit_bench import static_dit_macs
 
     return static_dit_macs(variant, **overrides)
 

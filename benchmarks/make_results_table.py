@@ -22,7 +22,8 @@ TARGETS = {
 
 def target_note(row):
     key = (row["family"], row["ratio"])
-    if key not in TARGETS or row["model"] != "dynamic" or row.get("compile"):
+    default_batching = row.get("overrides", {}).get("token_batching", "bucket") == "bucket"
+    if key not in TARGETS or row["model"] != "dynamic" or row.get("compile") or not default_batching:
         return ""
     field, bound = TARGETS[key]
     value = row[field]
@@ -32,8 +33,10 @@ def target_note(row):
 def render(payload) -> str:
     machine = payload["machine"]
     lines = [
-        f"### {machine.get('gpu') or machine.get('cpu') or machine['processor']} ({machine['device']})",
+        f"### {payload.get('title', 'Results')}: {machine.get('gpu') or machine.get('cpu') or machine['processor']} "
+        f"({machine['device']})",
         "",
+        *([payload["note"], ""] if payload.get("note") else []),
         f"torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}, "
         f"{machine['cpu_count']} CPU cores, {payload['rows'][0]['dtype']}, {payload['rows'][0]['threads']} threads"
         + (" — quick smoke run, not for quoting" if payload.get("quick") else ""),
@@ -55,8 +58,8 @@ def render(payload) -> str:
             batching = row.get("overrides", {}).get("token_batching", "-")
         if "fine_ratio" in row:
             tokens = f"fine {row['fine_ratio']:.2f}, {row['num_tokens_min_max'][0]}-{row['num_tokens_min_max'][1]} tok"
-        elif "token_keep_ratio" in row:
-            tokens = f"keep {row['token_keep_ratio']:.2f}"
+        elif "stage_keep_ratio" in row:
+            tokens = f"keep {row['stage_keep_ratio']:.2f} per stage run"
         else:
             tokens = "-"
         macs = row.get("macs_per_image") or row.get("baseline_macs_per_image")

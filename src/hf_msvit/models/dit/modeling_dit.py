@@ -401,38 +401,43 @@ class DiTBlockLayer(GradientCheckpointingLayer):
         return hidden_states + mlp_output
 
     def forward_selected(
-        self, rows: torch.Tensor, height: int, width: int, flat_index: torch.Tensor, intermediate_map: torch.Tensor
+        self,
+        rows: torch.Tensor,
+        height: int,
+        width: int,
+        read_index: torch.Tensor,
+        write_index: torch.Tensor,
+        intermediate_map: torch.Tensor,
     ) -> torch.Tensor:
         """Gather path (inference), in place on `rows`: the stage's map flattened to `(batch * tokens + 1, hidden)`,
         whose last row is scratch. Only the selected tokens are computed by the query, output projection and MLP
         linears; keys/values come from the whole map; the depth-wise conv sees the computed tokens in a zero map.
 
-        `flat_index` `(batch, max_selected)` holds each image's selected rows, padded with the scratch row: all images
-        run as one batch and padding lands in the scratch row. `intermediate_map` `(batch * tokens + 1, mlp_hidden)` is
-        zero outside the selected rows (shared by the stage's blocks, which write the same rows)."""
-        batch_size, max_selected = flat_index.shape
+        `read_index` `(batch, max_selected)` holds each image's selected rows first, then unselected ones as padding;
+        `write_index` is the same with the padding sent to the scratch row. All images run as one batch: padding rows
+        are computed and their results land in the scratch row. `intermediate_map` `(batch * tokens + 1, mlp_hidden)`
+        is zero outside the selected rows (shared by the stage's blocks, which write the same rows)."""
+        batch_size, max_selected = read_index.shape
         num_rows, hidden_size = rows.shape
         num_tokens = (num_rows - 1) // batch_size
         hidden_states = rows[:-1].view(batch_size, num_tokens, hidden_size)
-        index = flat_index.reshape(-1)
+        reads, writes = read_index.reshape(-1), write_index.reshape(-1)
         attention = self.attention
         normed = self.layer_norm_1(hidden_states)
         key, value = attention.keys_and_values(normed, height, width)
-        normed_rows = torch.cat([normed.reshape(-1, hidden_size), normed.new_zeros(1, hidden_size)])
-        queries = normed_rows.index_select(0, index).view(batch_size, max_selected, hidden_size)
-        selected = rows.index_select(0, index).view(batch_size, max_selected, hidden_size)
+        queries = normed.reshape(-1, hidden_size).index_select(0, reads).view(batch_size, max_selected, hidden_size)
+        selected = rows.index_select(0, reads).view(batch_size, max_selected, hidden_size)
         selected = selected + attention.attend(queries, key, value)
 
         mlp = self.mlp
         intermediate = mlp.dense1(self.layer_norm_2(selected))
         width_mlp = intermediate.shape[-1]
-        intermediate_map.index_copy_(0, index, intermediate.reshape(-1, width_mlp))
+        intermediate_map.index_copy_(0, writes, intermediate.reshape(-1, width_mlp))
         intermediate_map[-1].zero_()
         convolved = mlp.dwconv(intermediate_map[:-1].view(batch_size, num_tokens, width_mlp), height, width)
-        convolved_rows = torch.cat([convolved.reshape(-1, width_mlp), convolved.new_zeros(1, width_mlp)])
-        intermediate = convolved_rows.index_select(0, index).view_as(intermediate)
+        intermediate = convolved.reshape(-1, width_mlp).index_select(0, reads).view_as(intermediate)
         selected = selected + mlp.finish(intermediate)
-        return rows.index_copy_(0, index, selected.reshape(-1, hidden_size))
+        return rows.index_copy_(0, writes, selected.reshape(-1, hidden_size))
 
     @staticmethod
     def macs(config: DiTConfig, scale: int, height: int, width: int) -> tuple[int, int]:
@@ -494,20 +499,20 @@ class DiTStage(nn.Module):
         batch_size, num_tokens, hidden_size = hidden_states.shape
         counts = selected.sum(1)
         max_selected = int(counts.max())  # trf-ignore: TRF056 the number of computed tokens is data-dependent
-        # each image's selected rows of the flattened map, in order, padded with the scratch row `batch * tokens`
+        # each image's selected rows of the flattened map first, then unselected ones (padding: read, then discarded
+        # into the scratch row `batch * tokens`)
         order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :max_selected]
         valid = torch.arange(max_selected, device=selected.device)[None, :] < counts[:, None]
-        flat_index = order + torch.arange(batch_size, device=order.device)[:, None] * num_tokens
-        flat_index = torch.where(valid, flat_index, batch_size * num_tokens)
+        read_index = order + torch.arange(batch_size, device=order.device)[:, None] * num_tokens
+        write_index = torch.where(valid, read_index, batch_size * num_tokens)
         rows = torch.cat([hidden_states.reshape(-1, hidden_size), hidden_states.new_zeros(1, hidden_size)])
         width_mlp = self.blocks[0].mlp.dense1.out_features
         intermediate_map = hidden_states.new_zeros(batch_size * num_tokens + 1, width_mlp)
         for block in self.blocks:
-            rows = block.forward_selected(rows, height, width, flat_index, intermediate_map)
-        index = flat_index.reshape(-1)
-        normed = self.layer_norm(rows.index_select(0, index))
+            rows = block.forward_selected(rows, height, width, read_index, write_index, intermediate_map)
+        normed = self.layer_norm(rows.index_select(0, read_index.reshape(-1)))
         output = torch.cat([hidden_states.reshape(-1, hidden_size), hidden_states.new_zeros(1, hidden_size)])
-        return output.index_copy_(0, index, normed)[:-1].view_as(hidden_states)
+        return output.index_copy_(0, write_index.reshape(-1), normed)[:-1].view_as(hidden_states)
 
     @staticmethod
     def macs(config: DiTConfig, scale: int, height: int, width: int, num_selected, active):
