@@ -38,6 +38,7 @@ OUT = HERE / "study"
 def load_example_script():
     spec = importlib.util.spec_from_file_location("run_image_classification", ROOT / "examples" / "run_image_classification.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -47,7 +48,7 @@ def train(script, output_dir: Path, args: list[str], settings: dict) -> Path:
     marker = output_dir / "study_done.json"
     if marker.exists():
         return output_dir
-    argv = ["--output_dir", str(output_dir), "--overwrite_output_dir", "--seed", str(settings["seed"]),
+    argv = ["--output_dir", str(output_dir), "--seed", str(settings["seed"]),
             "--canvas_size", str(settings["canvas"]), "--digit_copies", str(settings["copies"]),
             "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "50",
             "--disable_tqdm", "true", *args]
@@ -108,7 +109,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: a few steps per phase")
     parser.add_argument("--output", default=str(OUT))
-    parser.add_argument("--canvas", type=int, default=128)
+    parser.add_argument("--canvas", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -124,7 +125,7 @@ def main():
         gate_steps = ["--gate_only_max_steps", "3", "--max_steps", "3"]
         eval_limit = ["--max_eval_samples", "64"]
     else:
-        static_steps = ["--backbone_epochs", "12"]
+        static_steps = ["--backbone_epochs", "10"]
         gate_steps = ["--gate_only_epochs", "2", "--num_train_epochs", "3"]
         eval_limit = []
     static_only = ["--backbone_only", "true"]
@@ -151,9 +152,11 @@ def main():
         for t in targets
     }
     budgets = [0.8, 0.6]
+    # DiT trains its whole routing grid densely (about 4x PVTv2's cost per step): one epoch less in each phase.
+    dit_steps = gate_steps if args.quick else ["--gate_only_epochs", "1", "--num_train_epochs", "2"]
     dit_runs = {
         b: train(script, runs / f"dit_b0_budget{b}", ["--model_name_or_path", str(pvt / "phase-backbone" / "final"),
-                                                     "--budget_target", str(b), *gate_steps, *eval_limit], settings)
+                                                     "--budget_target", str(b), *dit_steps, *eval_limit], settings)
         for b in budgets
     }
     train_seconds = time.time() - started

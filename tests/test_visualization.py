@@ -57,3 +57,28 @@ def test_cli_visualize(msvit_checkpoint, tmp_path):
     assert main(["visualize", str(path), str(image_path), "--output", str(out), "--gate-threshold", "0.3"]) == 0
     assert out.stat().st_size > 0
     assert main(["visualize", str(path), str(tmp_path / "missing.png"), "--output", str(out)]) == 2
+
+
+def test_dit_routing_picture_shows_stages_and_edges(tmp_path):
+    from hf_msvit import DiTConfig, DiTForImageClassification, DiTImageProcessor
+    from hf_msvit.visualization import draw_dit_routing
+
+    keep = torch.zeros(4, 4)
+    keep[0, 0], keep[1, 1] = 1.0, 0.5
+    edges = torch.zeros(3, 5)
+    edges[0, 1] = 1.0
+    picture = np.asarray(draw_dit_routing(keep, edges))
+    orange = (picture[..., 0] > 200) & (picture[..., 1] > 100) & (picture[..., 1] < 180) & (picture[..., 2] < 60)
+    blue = (picture[..., 2] > 200) & (picture[..., 0] < 50)
+    assert orange.sum() > 0 and blue.sum() > 0
+    # stage (0, 0) is filled completely, stage (1, 1) half: about 2 : 1 in orange pixels
+    top, middle = orange[: picture.shape[0] // 4 + 20].sum(), orange[picture.shape[0] // 4 + 20 :].sum()
+    assert 1.5 < top / middle < 2.5
+
+    config = DiTConfig.from_variant("b0", hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1],
+                                    image_size=64, num_labels=3)
+    model = DiTForImageClassification(config).eval()
+    out = tmp_path / "route.png"
+    visualize(model, Image.new("RGB", (64, 64)), output_path=out, image_processor=DiTImageProcessor(size={"height": 64, "width": 64}))
+    with Image.open(out) as saved:
+        assert saved.format == "PNG" and saved.width > 64
