@@ -130,7 +130,6 @@ def main():
         eval_limit = []
     static_only = ["--backbone_only", "true"]
     script = load_example_script()
-    started = time.time()
 
     # ---- static baselines ---------------------------------------------------------------------------------------
     vit_fine = train(script, runs / f"vit{fine}", [*vit, "--patch_size", str(fine), *static_steps, *static_only, *eval_limit], settings)
@@ -153,16 +152,20 @@ def main():
         for t in targets
     }
     budgets = [0.8, 0.6]
-    # DiT trains its whole routing grid densely (about 4x PVTv2's cost per step): one epoch less in each phase.
-    dit_steps = gate_steps if args.quick else ["--gate_only_epochs", "1", "--num_train_epochs", "2", "--learning_rate", "2e-4"]
+    # DiT trains its whole routing grid densely (several times PVTv2's cost per step, backward included): one gate-only
+    # epoch and a short joint phase keep the study near 30 minutes on 2 cores.
+    dit_steps = gate_steps if args.quick else ["--gate_only_epochs", "1", "--max_steps", "30", "--learning_rate", "2e-4"]
     dit_runs = {
         b: train(script, runs / f"dit_b0_budget{b}", ["--model_name_or_path", str(pvt / "phase-backbone" / "final"),
                                                      "--budget_target", str(b), *dit_steps, *eval_limit], settings)
         for b in budgets
     }
-    train_seconds = time.time() - started
+    # training time of every run, also of runs done by an earlier (resumed) invocation
+    train_seconds = sum(json.loads((path / "study_done.json").read_text())["seconds"] for path in
+                        [vit_fine, vit_coarse, pvt, *msvit_runs.values(), *dit_runs.values()])
 
     # ---- evaluation, image by image -----------------------------------------------------------------------------
+    evaluation_started = time.time()
     import hf_msvit  # noqa: F401
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -214,7 +217,7 @@ def main():
             pictures(model, processor, validation, out, "dit")
 
     payload = {"settings": settings, "quick": args.quick, "train_seconds": train_seconds,
-               "total_seconds": time.time() - started, "rows": rows}
+               "total_seconds": train_seconds + (time.time() - evaluation_started), "rows": rows}
     write_atomic(out / "results.json", json.dumps(payload, indent=1))
     write_atomic(out / "results.md", render_table(payload))
     plot(rows, out / "accuracy_vs_gmacs.png")
