@@ -335,9 +335,7 @@ def gate_overrides(model_args: ModelArguments, model_type: str) -> dict:
 
 def dynamic_image_processor(model_type: str, source=None, size: int | None = None):
     """Our image processor for `model_type`, copying size/mean/std/resample from `source` (e.g. the ViT's)."""
-    processor_class = get_model_classes(model_type).get("image_processor")
-    if processor_class is None:  # DiT without its own processor exported: PVT's preprocessing
-        processor_class = transformers.PvtImageProcessorPil
+    processor_class = get_model_classes(model_type)["image_processor"]
     kwargs = {}
     if source is not None:
         for key in ("size", "image_mean", "image_std", "resample", "rescale_factor"):

@@ -2,7 +2,6 @@
 
 import torch
 
-import hf_msvit
 from hf_msvit import MSViTConfig, MSViTForImageClassification, MSViTImageProcessor
 
 
@@ -25,13 +24,3 @@ def tiny_msvit(num_labels=10, image_size=32, seed=0, **overrides):
 
 def tiny_processor(image_size=32):
     return MSViTImageProcessor(size={"height": image_size, "width": image_size})
-
-
-def dit_classes():
-    """`(DiTConfig, DiTForImageClassification)` or None if hf_msvit does not export DiT yet."""
-    cls = getattr(hf_msvit, "DiTForImageClassification", None)
-    cfg = getattr(hf_msvit, "DiTConfig", None)
-    return (cfg, cls) if cls is not None and cfg is not None else None
-
-
-DIT_SKIP_REASON = "hf_msvit does not export DiTForImageClassification yet"

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from transformers.testing_utils import get_torch_dist_unique_port
 
-from _training_tiny import DIT_SKIP_REASON, dit_classes
 from test_run_image_classification import TINY
 
 
@@ -89,7 +88,6 @@ def test_two_process_cpu_msvit_with_gathered_gbas_accelerate_launch(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-@pytest.mark.skipif(dit_classes() is None, reason=DIT_SKIP_REASON)
 def test_two_process_cpu_dit_torchrun(tmp_path):
     reports = launch(
         tmp_path,

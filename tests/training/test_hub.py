@@ -15,7 +15,9 @@ from huggingface_hub import ModelCard
 from remote_code import run_without_hf_msvit
 from transformers import TrainingArguments
 
-from _training_tiny import DIT_SKIP_REASON, dit_classes, tiny_msvit, tiny_processor
+from _training_tiny import tiny_msvit, tiny_processor
+
+from hf_msvit import DiTConfig, DiTForImageClassification
 from hf_msvit import hub
 
 
@@ -193,9 +195,8 @@ def test_script_push_to_hub(tmp_path, capsys):
     assert (tmp_path / "fail" / "model.safetensors").is_file() and (tmp_path / "fail" / "README.md").is_file()
 
 
-@pytest.mark.skipif(dit_classes() is None, reason=DIT_SKIP_REASON)
 def test_dit_model_card(tmp_path):
-    config_class, model_class = dit_classes()
+    config_class, model_class = DiTConfig, DiTForImageClassification
     model = model_class(
         config_class(
             image_size=64,

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _training_tiny import DIT_SKIP_REASON, dit_classes
 
 
 pytest.importorskip("sklearn")
@@ -194,7 +193,6 @@ def test_upcycle_from_local_vit_checkpoint(script, tmp_path):
     torch.testing.assert_close(gate_phase["msvit.embeddings.cls_token"], vit.vit.embeddings.cls_token.detach())
 
 
-@pytest.mark.skipif(dit_classes() is None, reason=DIT_SKIP_REASON)
 def test_dit_fresh_and_from_local_pvt_v2(script, tmp_path):
     out = tmp_path / "dit"
     metrics = script.main(

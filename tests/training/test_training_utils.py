@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
-from _training_tiny import DIT_SKIP_REASON, dit_classes, tiny_msvit, tiny_processor
+from _training_tiny import tiny_msvit, tiny_processor
+
+from hf_msvit import DiTConfig, DiTForImageClassification
 from hf_msvit.training import (
     DynamicComputeTrainer,
     ImageTransform,
@@ -94,9 +96,8 @@ def test_freeze_all_but_gates_msvit():
     assert all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.skipif(dit_classes() is None, reason=DIT_SKIP_REASON)
 def test_freeze_all_but_gates_dit():
-    config_class, model_class = dit_classes()
+    config_class, model_class = DiTConfig, DiTForImageClassification
     model = model_class(
         config_class(
             image_size=64,
