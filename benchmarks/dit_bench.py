@@ -34,7 +34,7 @@ def build_dit_pair(variant, image_size=224, **dit_overrides):
 
 def static_dit_macs(variant, image_size=224, **_):
     from hf_msvit import DiTConfig
-    from hf_msvit.models.dit.modeling_dit import dit_route_macs
+    from hf_msvit.models.dit_routing.modeling_dit_routing import dit_route_macs
 
     config = DiTConfig.from_variant(variant, image_size=image_size, num_labels=1000)
     head = config.hidden_sizes[-1] * 1000

@@ -193,7 +193,7 @@ def main():
         if model.config.model_type == "vit":
             return static_vit_gmacs(model)
         from hf_msvit import DiTConfig
-        from hf_msvit.models.dit.modeling_dit import dit_route_macs
+        from hf_msvit.models.dit_routing.modeling_dit_routing import dit_route_macs
 
         fields = {k: getattr(model.config, k) for k in ("hidden_sizes", "depths", "num_attention_heads", "mlp_ratios",
                                                          "sr_ratios", "patch_sizes", "strides", "num_encoder_blocks")}

@@ -13,7 +13,7 @@ from transformers import (
     AutoModelForImageClassification,
 )
 
-from .models.dit import (
+from .models.dit_routing import (
     DiTBackbone,
     DiTConfig,
     DiTForImageClassification,

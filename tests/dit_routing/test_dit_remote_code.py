@@ -21,8 +21,8 @@ def test_checkpoint_loads_without_hf_msvit(tmp_path):
     DiTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(checkpoint)
 
     files = {p.name for p in checkpoint.iterdir()}
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "configuration_dit.py",
-            "modeling_dit.py", "convert_pvt_v2_to_dit.py", "image_processing_dit.py"} <= files, files
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "configuration_dit_routing.py",
+            "modeling_dit_routing.py", "convert_pvt_v2_to_dit_routing.py", "image_processing_dit_routing.py"} <= files, files
     auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoBackbone"}
 

@@ -31,7 +31,7 @@ import re
 import torch
 from transformers import AutoConfig, PreTrainedModel, PvtV2Config, PvtV2ForImageClassification, PvtV2Model
 
-from .configuration_dit import DiTConfig
+from .configuration_dit_routing import DiTConfig
 
 
 # PVTv2 config fields DiT shares under the same names.

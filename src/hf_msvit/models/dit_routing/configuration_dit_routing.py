@@ -24,7 +24,7 @@ from transformers.utils import auto_docstring
 # `auto_docstring` looks the config up by folder name among transformers' built-in models and prints an error for
 # models that live outside transformers; this tells it where ours is.
 _autodoc = importlib.import_module("transformers.utils.auto_docstring")
-getattr(_autodoc, "HARDCODED_CONFIG_FOR_MODELS", {}).setdefault("dit", "DiTConfig")
+getattr(_autodoc, "HARDCODED_CONFIG_FOR_MODELS", {}).setdefault("dit_routing", "DiTConfig")
 
 
 ROUTING_MODES = ("dynamic", "static", "full")
@@ -33,10 +33,10 @@ PER_SCALE_FIELDS = (
 )  # fmt: skip
 
 AUTO_MAP = {
-    "AutoConfig": "configuration_dit.DiTConfig",
-    "AutoModel": "modeling_dit.DiTModel",
-    "AutoModelForImageClassification": "modeling_dit.DiTForImageClassification",
-    "AutoBackbone": "modeling_dit.DiTBackbone",
+    "AutoConfig": "configuration_dit_routing.DiTConfig",
+    "AutoModel": "modeling_dit_routing.DiTModel",
+    "AutoModelForImageClassification": "modeling_dit_routing.DiTForImageClassification",
+    "AutoBackbone": "modeling_dit_routing.DiTBackbone",
 }
 
 # PVTv2-B0..B5 shapes (whai362/PVT `classification/pvt_v2.py`), with the PVTv2 drop-path rates (dit.md §4.1, §7.10).

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTModel
-from hf_msvit.models.dit.modeling_dit import DiTGate, DiTStage, dit_route_macs
+from hf_msvit.models.dit_routing.modeling_dit_routing import DiTGate, DiTStage, dit_route_macs
 
 
 def tiny_config(**overrides) -> DiTConfig:

@@ -42,7 +42,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
 
-from .configuration_dit import DiTConfig
+from .configuration_dit_routing import DiTConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -609,7 +609,7 @@ class DiTPreTrainedModel(PreTrainedModel):
         the stem from PVTv2's first patch embedding; gates are new. With `routing_mode="static"` the result computes
         exactly the PVTv2 function.
         """
-        from .convert_pvt_v2_to_dit import convert_pvt_v2_to_dit
+        from .convert_pvt_v2_to_dit_routing import convert_pvt_v2_to_dit
 
         return convert_pvt_v2_to_dit(cls, pvt, **config_overrides)
 
