@@ -24,7 +24,8 @@ from transformers.utils import auto_docstring
 # `auto_docstring` looks the config up by folder name among transformers' built-in models and prints an error for
 # models that live outside transformers; this tells it where ours is.
 _autodoc = importlib.import_module("transformers.utils.auto_docstring")
-getattr(_autodoc, "HARDCODED_CONFIG_FOR_MODELS", {}).setdefault("dit_routing", "DiTConfig")
+for _name in ("dit_routing", "dit-routing"):
+    getattr(_autodoc, "HARDCODED_CONFIG_FOR_MODELS", {}).setdefault(_name, "DiTConfig")
 
 
 ROUTING_MODES = ("dynamic", "static", "full")
