@@ -153,8 +153,7 @@ def worker(spec: dict) -> dict:
         extra["fine_ratio"] = out.fine_region_mask.float().mean().item()
         extra["num_tokens_min_max"] = [int(out.num_tokens.min()), int(out.num_tokens.max())]
     if getattr(out, "token_keep_ratio", None) is not None:
-        keep = out.token_keep_ratio.float()
-        extra["stage_keep_ratio"] = keep[keep > 0].mean().item()  # over the stages that ran
+        extra["stage_keep_ratio"] = out.token_keep_ratio.float().mean().item()  # over the stages that ran
 
     memory_before = reset_peak_memory(device)
 

@@ -75,10 +75,7 @@ def evaluate(model, dataset, processor, batch_size=64, **forward_kwargs) -> dict
         if getattr(out, "fine_region_mask", None) is not None:
             ratios += out.fine_region_mask.flatten(1).float().mean(1).tolist()
         elif getattr(out, "token_keep_ratio", None) is not None:
-            # DiT: fraction of tokens computed, over the stages that ran for the image
-            keep = out.token_keep_ratio.flatten(1)
-            ran = keep > 0
-            ratios += ((keep * ran).sum(1) / ran.sum(1).clamp_min(1)).tolist()
+            ratios += out.token_keep_ratio.tolist()  # DiT: fraction of tokens computed, over the stages that ran
     correct = np.array(correct, dtype=float)
     macs = np.array(macs) / 1e9
     result = {

@@ -108,13 +108,13 @@ def visualize_msvit(model, image, image_processor=None, gate_threshold=None, sca
     return _with_caption(picture, f"{tokens} tokens, {macs / 1e9:.3f} GMACs")
 
 
-def draw_dit_routing(token_keep_ratio: torch.Tensor, column_gates: torch.Tensor, cell: int = 64) -> Image.Image:
-    """Draws one image's route: `token_keep_ratio` `(scales, stages)`, `column_gates` `(scales - 1, stages + 1)`.
+def draw_dit_routing(stage_keep_ratio: torch.Tensor, downsampled: torch.Tensor, cell: int = 64) -> Image.Image:
+    """Draws one image's route: `stage_keep_ratio` `(scales, stages)`, `downsampled` `(scales - 1, stages + 1)`.
 
     Rows are scales (stride 4 at the top), node columns left to right. A stage (box between two nodes) is filled in
     proportion to the fraction of tokens it computed; a downsampling edge is a solid arrow if taken, a faint one if not.
     """
-    scales, stages = token_keep_ratio.shape
+    scales, stages = stage_keep_ratio.shape
     margin, node = 40, 10
     width, height = margin * 2 + stages * cell * 2, margin + scales * cell
     out = Image.new("RGB", (width, height), (255, 255, 255))
@@ -128,7 +128,7 @@ def draw_dit_routing(token_keep_ratio: torch.Tensor, column_gates: torch.Tensor,
         draw.text((2, node_xy(scale, 0)[1] - 6), f"1/{4 * 2**scale}", fill=(0, 0, 0), font=font)
         for stage in range(stages):
             (x0, y), (x1, _) = node_xy(scale, stage), node_xy(scale, stage + 1)
-            ratio = float(token_keep_ratio[scale, stage])
+            ratio = float(stage_keep_ratio[scale, stage])
             left, right, top, bottom = x0 + node, x1 - node, y - 12, y + 12
             draw.line([x0, y, x1, y], fill=(200, 200, 200), width=1)  # identity path
             draw.rectangle([left, top, right, bottom], outline=(60, 60, 60), fill=(245, 245, 245))
@@ -138,8 +138,8 @@ def draw_dit_routing(token_keep_ratio: torch.Tensor, column_gates: torch.Tensor,
         for column in range(stages + 1):
             x, y = node_xy(scale, column)
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(40, 40, 40))
-            if scale < scales - 1 and column < column_gates.shape[1]:
-                taken = float(column_gates[scale, column]) > 0.5
+            if scale < scales - 1 and column < downsampled.shape[1]:
+                taken = float(downsampled[scale, column]) > 0.5
                 _, y_next = node_xy(scale + 1, column)
                 color, line_width = ((0, 120, 255), 3) if taken else ((220, 220, 230), 1)
                 draw.line([x, y + 5, x, y_next - 5], fill=color, width=line_width)
@@ -153,7 +153,7 @@ def visualize_dit(model, image, image_processor=None, scale=None) -> Image.Image
     pixel_values = _pixel_values(model, image, image_processor)
     with torch.no_grad():
         outputs = model(pixel_values)
-    routing = draw_dit_routing(outputs.token_keep_ratio[0].float().cpu(), outputs.column_gates[0].float().cpu())
+    routing = draw_dit_routing(outputs.stage_keep_ratio[0].float().cpu(), outputs.downsampled[0].float().cpu())
     if scale is None:
         scale = max(1, routing.height // max(pixel_values.shape[-2:]))
     shown = _display_image(pixel_values, image, scale)

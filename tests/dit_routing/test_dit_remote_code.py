@@ -30,7 +30,7 @@ def test_checkpoint_loads_without_hf_msvit(tmp_path):
     torch.save(pixel_values, tmp_path / "pixels.pt")
     with torch.no_grad():
         expected = model(pixel_values)
-    assert 0 < expected.token_keep_ratio.mean() < 1  # a partly routed model: the sparse paths run remotely too
+    assert 0 < expected.stage_keep_ratio.mean() < 1  # a partly routed model: the sparse paths run remotely too
     torch.save({"logits": expected.logits, "macs": expected.macs}, tmp_path / "expected.pt")
 
     run_without_hf_msvit(

@@ -87,7 +87,7 @@ def test_config_round_trip_and_trainer_keys(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = DiTConfig.from_pretrained(tmp_path)
     assert loaded.routing_mode == "full" and loaded.budget_target == 0.8 and loaded.depths == [1, 2, 1, 1]
-    for key in ("budget_loss", "macs", "column_gates", "token_keep_ratio"):
+    for key in ("budget_loss", "macs", "downsampled", "stage_keep_ratio", "token_keep_ratio"):
         assert key in DiTConfig.keys_to_ignore_at_inference
 
 
@@ -127,8 +127,8 @@ def test_model_sparse_inference_equals_dense_reference(monkeypatch):
     batch = pixels(4)
     with torch.no_grad():
         sparse = model(batch, output_hidden_states=True)
-    assert 0 < sparse.token_keep_ratio.mean() < 1, "the random gates should route part of the tokens"
-    assert 0 < sparse.column_gates.mean() < 1, "the random gates should route part of the images"
+    assert 0 < sparse.stage_keep_ratio.mean() < 1, "the random gates should route part of the tokens"
+    assert 0 < sparse.downsampled.mean() < 1, "the random gates should route part of the images"
 
     deterministic = DiTGate.forward
 
@@ -148,8 +148,8 @@ def test_model_sparse_inference_equals_dense_reference(monkeypatch):
     for dense_map, sparse_map in zip(dense.hidden_states, sparse.hidden_states):
         torch.testing.assert_close(dense_map, sparse_map, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dense.macs, sparse.macs)
-    torch.testing.assert_close(dense.token_keep_ratio, sparse.token_keep_ratio)
-    torch.testing.assert_close(dense.column_gates, sparse.column_gates)
+    torch.testing.assert_close(dense.stage_keep_ratio, sparse.stage_keep_ratio)
+    torch.testing.assert_close(dense.downsampled, sparse.downsampled)
 
 
 def test_image_output_does_not_depend_on_the_batch():
@@ -178,14 +178,14 @@ def test_static_and_full_macs_equal_the_analytic_count():
         assert out.macs.tolist() == [expected, expected]
         assert model.static_macs(routing_mode=mode) == expected == model.dit.static_macs(64, mode) + head
         assert out.budget_loss is None
-        keep = out.token_keep_ratio[0]
+        keep = out.stage_keep_ratio[0]
         if mode == "static":
             assert torch.equal(keep, torch.eye(4)), keep  # stage i at column i, every token
             taken = torch.zeros(3, 5)
             taken[[0, 1, 2], [1, 2, 3]] = 1
-            assert torch.equal(out.column_gates[0], taken)
+            assert torch.equal(out.downsampled[0], taken)
         else:
-            assert torch.equal(keep, torch.ones(4, 4)) and torch.equal(out.column_gates[0], torch.ones(3, 5))
+            assert torch.equal(keep, torch.ones(4, 4)) and torch.equal(out.downsampled[0], torch.ones(3, 5))
 
 
 @pytest.mark.parametrize("size", [(64, 64), (75, 50)])
@@ -239,9 +239,9 @@ def test_output_node_is_reached_even_with_every_column_gate_closed():
         out = model(pixels(2), output_hidden_states=True)
     assert torch.isfinite(out.logits).all()
     # only the last column's edges are taken (forced open), so each scale is entered exactly there
-    assert torch.equal(out.column_gates[:, :, :-1], torch.zeros(2, 3, 4))
-    assert torch.equal(out.column_gates[:, :, -1], torch.ones(2, 3))
-    assert (out.token_keep_ratio[:, 1:] == 0).all()  # no stage below scale 0 ran
+    assert torch.equal(out.downsampled[:, :, :-1], torch.zeros(2, 3, 4))
+    assert torch.equal(out.downsampled[:, :, -1], torch.ones(2, 3))
+    assert (out.stage_keep_ratio[:, 1:] == 0).all()  # no stage below scale 0 ran
     assert (out.macs < dit_route_macs(model.config, 64, 64, "static")).all()
 
 
@@ -305,7 +305,7 @@ def test_training_samples_gates_and_updates_ema_while_eval_is_deterministic():
     assert gate.ema_steps.item() == 1
     torch.testing.assert_close(gate.inference_weights()[0], gate.weight.detach())  # bias-corrected first step
     torch.manual_seed(0)
-    decisions = [model(pixels(2)).token_keep_ratio for _ in range(3)]
+    decisions = [model(pixels(2)).stage_keep_ratio for _ in range(3)]
     assert not all(torch.equal(decisions[0], d) for d in decisions[1:]), "Gumbel sampling should vary decisions"
 
 
@@ -388,7 +388,7 @@ def test_torch_compile_dynamic_route_matches_eager():
     with torch.no_grad():
         expected = model(batch)
         actual = torch.compile(model, backend="eager")(batch)
-    assert 0 < expected.token_keep_ratio.mean() < 1
+    assert 0 < expected.stage_keep_ratio.mean() < 1
     torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(actual.macs, expected.macs)
 
@@ -456,8 +456,8 @@ def _ddp_worker(rank, world_size, init_file):
 def test_return_dict_false_in_config_gives_tuples():
     model = build(return_dict=False)
     with torch.no_grad():
-        logits, budget_loss, macs, column_gates, keep = model(pixels(2))
-    assert logits.shape == (2, 5) and macs.shape == (2,) and keep.shape == (2, 4, 4)
+        logits, budget_loss, macs, downsampled, stage_keep, keep = model(pixels(2))
+    assert logits.shape == (2, 5) and macs.shape == (2,) and stage_keep.shape == (2, 4, 4) and keep.shape == (2,)
     backbone = build(DiTBackbone, return_dict=False, out_features=["stage1", "stage4"])
     with torch.no_grad():
         feature_maps = backbone(pixels(2))[0]

@@ -94,8 +94,9 @@ class DiTModelTester:
         side = self.image_size // 32
         self.parent.assertEqual(result.last_hidden_state.shape, (self.batch_size, self.hidden_sizes[-1], side, side))
         self.parent.assertEqual(result.macs.shape, (self.batch_size,))
-        self.parent.assertEqual(result.column_gates.shape, (self.batch_size, 3, self.num_routing_columns + 1))
-        self.parent.assertEqual(result.token_keep_ratio.shape, (self.batch_size, 4, self.num_routing_columns))
+        self.parent.assertEqual(result.downsampled.shape, (self.batch_size, 3, self.num_routing_columns + 1))
+        self.parent.assertEqual(result.stage_keep_ratio.shape, (self.batch_size, 4, self.num_routing_columns))
+        self.parent.assertEqual(result.token_keep_ratio.shape, (self.batch_size,))
 
     def create_and_check_for_image_classification(self, config, pixel_values, labels):
         model = DiTForImageClassification(config).eval()

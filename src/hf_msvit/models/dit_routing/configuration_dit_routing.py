@@ -112,7 +112,8 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
     keys_to_ignore_at_inference = [
         "budget_loss",
         "macs",
-        "column_gates",
+        "downsampled",
+        "stage_keep_ratio",
         "token_keep_ratio",
         "hidden_states",
         "attentions",

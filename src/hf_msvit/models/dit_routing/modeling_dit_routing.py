@@ -67,16 +67,20 @@ class DiTModelOutput(BaseModelOutputWithPooling):
     macs (`torch.FloatTensor` of shape `(batch_size,)`):
         Multiply-accumulates of the route each image took (matmuls, convolutions and attention, gates included).
         At inference this is exactly what the forward computed for the image.
-    column_gates (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks - 1, num_routing_columns + 1)`):
+    downsampled (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks - 1, num_routing_columns + 1)`):
         1 where the image was downsampled from scale `i` to `i + 1` at node column `j` (edge reached and gate open).
-    token_keep_ratio (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks, num_routing_columns)`):
+    stage_keep_ratio (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks, num_routing_columns)`):
         Fraction of the tokens of node `(i, j)` that transformer stage `(i, j)` computed for the image (0 where the
         stage did not run).
+    token_keep_ratio (`torch.FloatTensor` of shape `(batch_size,)`):
+        Per image, the fraction of tokens computed, averaged over the transformer stages that ran for it (PVTv2's own
+        route gives 1.0); see `mean_token_keep_ratio`.
     """
 
     budget_loss: torch.FloatTensor | None = None
     macs: torch.FloatTensor | None = None
-    column_gates: torch.FloatTensor | None = None
+    downsampled: torch.FloatTensor | None = None
+    stage_keep_ratio: torch.FloatTensor | None = None
     token_keep_ratio: torch.FloatTensor | None = None
 
 
@@ -95,15 +99,19 @@ class DiTImageClassifierOutput(ImageClassifierOutput):
         The budget loss (dynamic routing only), also folded into `loss` when labels are given.
     macs (`torch.FloatTensor` of shape `(batch_size,)`):
         Multiply-accumulates of the route each image took, classifier included.
-    column_gates (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks - 1, num_routing_columns + 1)`):
+    downsampled (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks - 1, num_routing_columns + 1)`):
         1 where the image was downsampled from scale `i` to `i + 1` at node column `j`.
-    token_keep_ratio (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks, num_routing_columns)`):
+    stage_keep_ratio (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks, num_routing_columns)`):
         Fraction of the tokens of node `(i, j)` that transformer stage `(i, j)` computed for the image.
+    token_keep_ratio (`torch.FloatTensor` of shape `(batch_size,)`):
+        Per image, the fraction of tokens computed, averaged over the transformer stages that ran for it (PVTv2's own
+        route gives 1.0); see `mean_token_keep_ratio`.
     """
 
     budget_loss: torch.FloatTensor | None = None
     macs: torch.FloatTensor | None = None
-    column_gates: torch.FloatTensor | None = None
+    downsampled: torch.FloatTensor | None = None
+    stage_keep_ratio: torch.FloatTensor | None = None
     token_keep_ratio: torch.FloatTensor | None = None
 
 
@@ -117,15 +125,19 @@ class DiTBackboneOutput(BackboneOutput):
         The budget loss (dynamic routing only); add `budget_loss_weight * budget_loss` to the task loss.
     macs (`torch.FloatTensor` of shape `(batch_size,)`):
         Multiply-accumulates of the route each image took.
-    column_gates (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks - 1, num_routing_columns + 1)`):
+    downsampled (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks - 1, num_routing_columns + 1)`):
         1 where the image was downsampled from scale `i` to `i + 1` at node column `j`.
-    token_keep_ratio (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks, num_routing_columns)`):
+    stage_keep_ratio (`torch.FloatTensor` of shape `(batch_size, num_encoder_blocks, num_routing_columns)`):
         Fraction of the tokens of node `(i, j)` that transformer stage `(i, j)` computed for the image.
+    token_keep_ratio (`torch.FloatTensor` of shape `(batch_size,)`):
+        Per image, the fraction of tokens computed, averaged over the transformer stages that ran for it (PVTv2's own
+        route gives 1.0); see `mean_token_keep_ratio`.
     """
 
     budget_loss: torch.FloatTensor | None = None
     macs: torch.FloatTensor | None = None
-    column_gates: torch.FloatTensor | None = None
+    downsampled: torch.FloatTensor | None = None
+    stage_keep_ratio: torch.FloatTensor | None = None
     token_keep_ratio: torch.FloatTensor | None = None
 
 
@@ -530,6 +542,14 @@ def _scale_sizes(config: DiTConfig, height: int, width: int) -> list[tuple[int, 
     return sizes
 
 
+def mean_token_keep_ratio(stage_keep_ratio: torch.Tensor) -> torch.Tensor:
+    """`(batch, scales, columns)` per-stage keep ratios -> `(batch,)`: the mean over the stages that ran for each image
+    (a stage that did not run is not a stage that kept 0% of its tokens). The one definition of DiT's token keep ratio."""
+    flat = stage_keep_ratio.flatten(1)
+    ran = flat > 0
+    return (flat * ran).sum(1) / ran.sum(1).clamp_min(1)
+
+
 def dit_route_macs(config: DiTConfig, height: int, width: int, routing_mode: str | None = None) -> int:
     """Analytic multiply-accumulates of one image of `height x width` through the static (PVTv2) or full route, from
     the config alone (no weights needed), classifier excluded. Uses the same per-module formulas as the forward."""
@@ -726,8 +746,9 @@ class DiTModel(DiTPreTrainedModel):
             hidden_states=hidden_states,
             budget_loss=budget_loss,
             macs=macs,
-            column_gates=column_taken,
-            token_keep_ratio=keep_ratio,
+            downsampled=column_taken,
+            stage_keep_ratio=keep_ratio,
+            token_keep_ratio=mean_token_keep_ratio(keep_ratio),
         )
 
     def _route_fixed(self, stem_features, sizes, macs, keep_ratio, column_taken):
@@ -932,7 +953,8 @@ class DiTForImageClassification(DiTPreTrainedModel):
             hidden_states=outputs.hidden_states,
             budget_loss=outputs.budget_loss,
             macs=macs,
-            column_gates=outputs.column_gates,
+            downsampled=outputs.downsampled,
+            stage_keep_ratio=outputs.stage_keep_ratio,
             token_keep_ratio=outputs.token_keep_ratio,
         )
 
@@ -980,7 +1002,8 @@ class DiTBackbone(BackboneMixin, DiTModel):
             hidden_states=outputs.hidden_states,
             budget_loss=outputs.budget_loss,
             macs=outputs.macs,
-            column_gates=outputs.column_gates,
+            downsampled=outputs.downsampled,
+            stage_keep_ratio=outputs.stage_keep_ratio,
             token_keep_ratio=outputs.token_keep_ratio,
         )
 
@@ -996,4 +1019,5 @@ __all__ = [
     "DiTModel",
     "DiTPreTrainedModel",
     "dit_route_macs",
+    "mean_token_keep_ratio",
 ]
