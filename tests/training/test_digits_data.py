@@ -6,12 +6,25 @@ import pytest
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("sklearn")
 
-from hf_msvit.data import DIGIT_NAMES, load_digits_on_canvas  # noqa: E402
+from hf_msvit.data import (
+    DIGIT_NAMES,
+    SEGMENTATION_LABELS,
+    load_digits_on_canvas,
+    load_digits_on_canvas_segmentation,
+    region_detail_fraction,
+)
 
 
 @pytest.fixture(scope="module")
 def small():
-    return load_digits_on_canvas(canvas_size=64, digit_size=(16, 24), copies=1, validation_fraction=0.2, seed=3)
+    return load_digits_on_canvas(
+        canvas_size=64, digit_size=(16, 24), copies=1, validation_fraction=0.2, seed=3, background="blank"
+    )
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return load_digits_on_canvas(canvas_size=64, digit_size=(16, 24), copies=1, seed=3)
 
 
 def test_structure(small):
@@ -60,3 +73,43 @@ def test_copies_use_new_positions():
     half = len(train) // 2
     assert train["source_index"][:half] == train["source_index"][half:]
     assert train["top"][:half] != train["top"][half:]
+
+
+def test_photo_background_gives_regions_a_range_of_detail(photo, small):
+    """The default canvases hold structure outside the digit, in varying amounts; the blank ones do not."""
+    photo_images, blank_images = photo["validation"]["image"], small["validation"]["image"]
+    photo_fraction = region_detail_fraction(photo_images, region_size=16)
+    blank_fraction = region_detail_fraction(blank_images, region_size=16)
+    assert photo_fraction > 0.6 and blank_fraction < 0.4, (photo_fraction, blank_fraction)
+    region_stds = []
+    for image in photo_images[:50]:
+        pixels = np.asarray(image, dtype=np.float32).reshape(4, 16, 4, 16) / 255.0
+        region_stds.append(pixels.std(axis=(1, 3)).ravel())
+    quartiles = np.quantile(np.concatenate(region_stds), [0.25, 0.5, 0.75])
+    assert quartiles[0] < quartiles[1] < quartiles[2] and quartiles[2] > 2 * quartiles[0], quartiles  # a continuum
+    for row in photo["validation"].select(range(20)):  # the digit stays the brightest thing on the canvas
+        pixels = np.asarray(row["image"], dtype=np.float32) / 255.0
+        top, left, size = row["top"], row["left"], row["digit_size"]
+        outside = pixels.copy()
+        outside[top : top + size, left : left + size] = 0
+        assert pixels[top : top + size, left : left + size].max() > outside.max() + 0.2
+
+
+def test_segmentation_variant_labels_the_digit_pixels():
+    seg = load_digits_on_canvas_segmentation(canvas_size=64, digit_size=(16, 24), copies=1, seed=3)
+    cls = load_digits_on_canvas(canvas_size=64, digit_size=(16, 24), copies=1, seed=3)
+    assert len(SEGMENTATION_LABELS) == 11
+    for index in (0, 7, 42):
+        row, same = seg["validation"][index], cls["validation"][index]
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(same["image"]))  # the same canvases
+        labels = np.asarray(row["label"])
+        assert labels.shape == (64, 64) and set(np.unique(labels)) == {0, 1 + row["digit"]}
+        top, left, size = same["top"], same["left"], same["digit_size"]
+        inside = np.zeros_like(labels, dtype=bool)
+        inside[top : top + size, left : left + size] = True
+        assert not (labels[~inside] > 0).any() and (labels[inside] > 0).mean() > 0.1
+
+
+def test_bad_background_is_a_clear_error():
+    with pytest.raises(ValueError, match="background must be one of"):
+        load_digits_on_canvas(canvas_size=32, digit_size=12, copies=1, background="noise")
