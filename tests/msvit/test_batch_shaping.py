@@ -127,3 +127,35 @@ def test_shape_is_checked():
     gbas = GeneralizedBatchShaping(num_positions=4, target_ratio=0.5, hyperprior_std=0.2, temperature_l1_weight=0.1)
     with pytest.raises(ValueError, match=r"\(num_samples, 4\)"):
         gbas(torch.rand(8, 5))
+
+
+def _fit_free_logits(values_of, temperature, target=0.3, steps=200, seed=0):
+    """GBaS alone on free logits (128 images x 9 regions) started at logit(target): the eval ratio where they end."""
+    torch.manual_seed(seed)
+    gbas = GeneralizedBatchShaping(9, target, 0.05, 0.0, prior_temperature=temperature, learn_temperature=False)
+    start = math.log(target / (1 - target))
+    with torch.no_grad():
+        gbas.prior_mean_logits.fill_(start)
+    logits = torch.nn.Parameter(start + 0.1 * torch.randn(128, 9))
+    optimizer = torch.optim.Adam([logits, gbas.prior_mean_logits], lr=0.05)
+    for _ in range(steps):
+        loss = gbas(values_of(logits))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float((logits.detach() > 0).float().mean())  # eval decisions: p >= 0.5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_gbas_on_probabilities_is_a_fixed_point_at_the_target(temperature):
+    """Shaping the gate probabilities (what inference thresholds) keeps the fraction above 1/2 at the target."""
+    assert _fit_free_logits(torch.sigmoid, temperature) == pytest.approx(0.3, abs=0.03)
+
+
+def test_gbas_on_gumbel_samples_collapses_the_eval_ratio():
+    """Shaping the noisy training samples instead: the noise already has the prior's spread, so the logits shrink to
+    logit(target) < 0 and inference (threshold 1/2) tokenizes almost nothing fine: why `gbas_input="probs"`."""
+    from hf_msvit.models.msvit.modeling_msvit import sample_gate
+
+    ratio = _fit_free_logits(lambda logits: sample_gate(logits, 1.0, 0.5)[0], temperature=1.0)
+    assert ratio < 0.15

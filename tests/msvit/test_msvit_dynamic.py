@@ -218,7 +218,9 @@ def test_training_step_reaches_gate_and_priors_with_mixed_lengths():
     out = model(images(6), labels=torch.tensor([0, 1, 2, 3, 4, 0]))
     assert out.gate_loss is not None and out.gate_loss > 0
     torch.testing.assert_close(
-        out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 2, 3, 4, 0])) + out.gate_loss
+        out.loss,
+        torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 2, 3, 4, 0]))
+        + model.config.gbas_loss_weight * out.gate_loss,
     )
     out.loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
@@ -332,3 +334,86 @@ def test_gate_starts_at_the_target_ratio(target):
         with torch.no_grad():
             probs = model(x).gate_probs
         assert float(probs.mean()) == pytest.approx(target, abs=0.05)
+
+
+# ---------------------------------------------------------------------------------- training modes, budget, sizes
+
+
+def test_masked_attention_training_computes_the_selected_tokenization():
+    """Masked-attention training (both tokenizations in the sequence, keys weighted by the sampled decisions) gives
+    the logits of the selected tokenization for the same decisions, and gradients reach the gate."""
+    x, labels = images(4), torch.tensor([0, 1, 2, 3])
+    outputs = {}
+    for mode in ("masked_attention", "straight_through"):
+        model = mixed_model(gate_training_mode=mode).train()
+        torch.manual_seed(5)
+        out = model(x, labels=labels)
+        out.loss.backward()
+        outputs[mode] = out
+        assert model.msvit.embeddings.gate.layers[0].weight.grad.abs().sum() > 0
+    masked, selected = outputs["masked_attention"], outputs["straight_through"]
+    assert torch.equal(masked.fine_region_mask, selected.fine_region_mask)
+    assert 0 < masked.fine_region_mask.float().mean() < 1, "the test needs both tokenizations"
+    torch.testing.assert_close(masked.logits, selected.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(masked.num_tokens, selected.num_tokens)
+    torch.testing.assert_close(masked.macs, selected.macs)
+    assert masked.attention_mask.shape == (4, 1 + 16 + 64)
+    assert torch.equal(masked.attention_mask.sum(1), masked.num_tokens)
+
+
+@pytest.mark.parametrize("budget", [5, 0.25, 0, 16])
+def test_fine_region_budget_tokenizes_the_top_k_regions(budget):
+    model = mixed_model()
+    x = images(6)
+    with torch.no_grad():
+        out = model(x, fine_region_budget=budget)
+        count = budget if isinstance(budget, int) else round(budget * 16)
+        assert out.fine_region_mask.flatten(1).sum(1).tolist() == [count] * 6
+        assert out.num_tokens.tolist() == [1 + 16 + 3 * count] * 6  # every image the same length: no padding
+        probs = out.gate_probs.flatten(1)
+        chosen, rest = probs.masked_fill(~out.fine_region_mask.flatten(1), 2.0), probs.masked_fill(
+            out.fine_region_mask.flatten(1), -1.0
+        )
+        assert (chosen.min(1).values >= rest.max(1).values).all()  # the k highest gate probabilities
+        same = model(x, fine_region_mask=out.fine_region_mask)
+        torch.testing.assert_close(out.logits, same.logits, atol=1e-5, rtol=1e-5)
+        gate = model.msvit.embeddings.gate.macs(16)
+        torch.testing.assert_close(out.macs, same.macs + gate)
+        model.config.fine_region_budget = budget  # the config field does the same
+        torch.testing.assert_close(model(x).logits, out.logits)
+
+
+@pytest.mark.parametrize("budget", [17, -1, 1.5, True, "half"])
+def test_bad_fine_region_budget_is_a_clear_error(budget):
+    model = mixed_model()
+    with pytest.raises(ValueError, match="fine_region_budget must be"):
+        model(images(1), fine_region_budget=budget)
+    # the config rejects it too (values: ValueError; wrong types: the strict dataclass's validation error)
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    with pytest.raises((ValueError, StrictDataclassFieldValidationError), match="fine_region_budget"):
+        tiny_config(fine_region_budget=budget)
+
+
+def test_empty_batch_is_a_clear_error():
+    model = mixed_model()
+    with pytest.raises(ValueError, match="no image"):
+        model(torch.zeros(0, 3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),  # ViT-S/16
+        dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),  # ViT-Ti/16
+        dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, intermediate_size=192, image_size=96),
+    ],
+)
+@pytest.mark.parametrize("gate_input", ["pixels", "embeddings"])
+def test_default_gate_costs_at_most_two_percent_of_the_static_vit(backbone, gate_input):
+    config = MSViTConfig(**backbone, gate_input=gate_input)
+    model = MSViTModel(config)
+    regions = config.coarse_grid[0] * config.coarse_grid[1]
+    fraction = model.embeddings.gate.macs(regions) / model.static_macs()
+    assert fraction <= 0.02 or config.gate_hidden_size == 8, (config.gate_hidden_size, fraction)
+    assert fraction <= 0.025

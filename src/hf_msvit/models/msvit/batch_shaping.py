@@ -20,9 +20,10 @@ Batch-shaping is a Cramer-von Mises distance between the empirical CDF of a set 
 
 GBaS keeps one prior per position k (here: one per coarse region), each a Relaxed Bernoulli RB(mu_k, tau_k) whose mean
 and temperature are learned, and ties the means together with a Gaussian hyperprior N(target, std) (itself matched by
-batch-shaping over the K means). An L1 penalty on the temperatures favours peaky, nearly binary priors:
+batch-shaping over the K means). The temperatures are fixed, or learned with an optional L1 penalty that favours
+peaky, nearly binary priors (as in the authors' GBaS notebook):
 
-    L_GBaS = 1/K sum_k L_BaS(x[:, k]; RB(mu_k, tau_k)) + L_BaS(mu; N(target, std)) + lambda * mean_k |tau_k|
+    L_GBaS = sum_k L_BaS(x[:, k]; RB(mu_k, tau_k)) + L_BaS(mu; N(target, std)) [+ lambda * mean_k |tau_k|]
 """
 
 import math
@@ -71,19 +72,34 @@ class GeneralizedBatchShaping(nn.Module):
         num_positions: number of gated positions K (e.g. coarse regions per image).
         target_ratio: mean of the Gaussian hyperprior: the overall fraction of gates that should be on.
         hyperprior_std: its standard deviation: how far the per-position means may spread.
-        temperature_l1_weight: weight of the L1 penalty on the learned temperatures.
+        temperature_l1_weight: weight of the L1 penalty on the learned temperatures (only when they are learned).
+        prior_temperature: the priors' temperature (fixed), or its initial value when learned (then in (0, 1)).
+        learn_temperature: learn one temperature per position (as the GBaS notebook does) instead of a fixed one.
 
     The learned parameters are logits: `mean = sigmoid(prior_mean_logits)`, `temperature =
-    sigmoid(prior_temperature_logits)`. The owning model initializes them (means at the target, temperatures 0.5).
+    sigmoid(prior_temperature_logits)`. The owning model initializes them (means at the target).
+
+    Whatever the temperature, a fraction `mu_k` of a Relaxed Bernoulli RB(mu_k, tau_k) lies above 1/2; the temperature
+    sets how spread the values are (`logit(x)` is logistic with scale `1 / tau`). Lower temperatures ask the gate for
+    more nearly binary values, which makes an inference threshold move the decisions less.
     """
 
-    def __init__(self, num_positions: int, target_ratio: float, hyperprior_std: float, temperature_l1_weight: float):
+    def __init__(
+        self,
+        num_positions: int,
+        target_ratio: float,
+        hyperprior_std: float,
+        temperature_l1_weight: float,
+        prior_temperature: float = 0.5,
+        learn_temperature: bool = True,
+    ):
         super().__init__()
         self.target_ratio = float(target_ratio)
         self.hyperprior_std = float(hyperprior_std)
         self.temperature_l1_weight = float(temperature_l1_weight)
+        self.prior_temperature = float(prior_temperature)
         self.prior_mean_logits = nn.Parameter(torch.zeros(num_positions))
-        self.prior_temperature_logits = nn.Parameter(torch.zeros(num_positions))
+        self.prior_temperature_logits = nn.Parameter(torch.zeros(num_positions)) if learn_temperature else None
 
     @property
     def prior_means(self) -> torch.Tensor:
@@ -91,10 +107,12 @@ class GeneralizedBatchShaping(nn.Module):
 
     @property
     def prior_temperatures(self) -> torch.Tensor:
+        if self.prior_temperature_logits is None:
+            return torch.full_like(self.prior_mean_logits, self.prior_temperature)
         return torch.sigmoid(self.prior_temperature_logits)
 
     def forward(self, gate_values: torch.Tensor) -> torch.Tensor:
-        """`gate_values`: soft gate outputs in [0, 1] of shape `(num_samples, num_positions)`."""
+        """`gate_values`: gate outputs in [0, 1] of shape `(num_samples, num_positions)`."""
         if gate_values.dim() != 2 or gate_values.shape[1] != self.prior_mean_logits.shape[0]:
             raise ValueError(
                 f"gate_values must have shape (num_samples, {self.prior_mean_logits.shape[0]}), "
@@ -102,11 +120,17 @@ class GeneralizedBatchShaping(nn.Module):
             )
         gate_values = gate_values.float()
         means, temperatures = self.prior_means, self.prior_temperatures
-        prior_term = batch_shaping_loss(gate_values, lambda v: relaxed_bernoulli_cdf(v, means, temperatures))
+        # Summed over positions (the paper's formula; `batch_shaping_loss` averages): the pull on each region's gate
+        # then does not shrink with the number of regions, as the task loss's does not.
+        num_positions = gate_values.shape[1]
+        prior_term = num_positions * batch_shaping_loss(gate_values, lambda v: relaxed_bernoulli_cdf(v, means, temperatures))
         hyperprior_term = batch_shaping_loss(
             means[:, None], lambda v: normal_cdf(v, self.target_ratio, self.hyperprior_std)
         )
-        return prior_term + hyperprior_term + self.temperature_l1_weight * temperatures.abs().mean()
+        loss = prior_term + hyperprior_term
+        if self.prior_temperature_logits is not None:
+            loss = loss + self.temperature_l1_weight * temperatures.abs().mean()
+        return loss
 
 
 def gather_across_processes(values: torch.Tensor) -> torch.Tensor:

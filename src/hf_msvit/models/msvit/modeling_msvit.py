@@ -11,10 +11,14 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""PyTorch MSViT model: a ViT with a dynamic mixed-scale tokenizer (arXiv 2307.02321)."""
+"""PyTorch MSViT model: a ViT with a dynamic mixed-scale tokenizer (arXiv 2307.02321).
+
+The encoder is transformers' ViT (its layers and pooler are imported, so ViT checkpoints load by key); what MSViT adds
+is the tokenizer: a gate scores every coarse region, and each region enters the encoder either as one coarse token or
+as its fine tokens. Only the CLS token and the selected tokens are embedded and encoded at inference.
+"""
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTPooler
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
@@ -43,11 +45,13 @@ class MSViTModelOutput(BaseModelOutputWithPooling):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, max_num_tokens, hidden_size)`):
         Final hidden states. Each image's tokens are `[CLS, kept coarse tokens, kept fine tokens]` (each group in
-        raster order), padded with zeros up to the longest image of the batch; see `attention_mask`.
+        raster order), padded with zeros up to the longest image of the batch; see `attention_mask`. In training with
+        `gate_training_mode="masked_attention"` every image holds `[CLS, all coarse tokens, all fine tokens]` and
+        `attention_mask` marks the kept ones.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         The CLS token after the pooler (if the model has one).
     attention_mask (`torch.LongTensor` of shape `(batch_size, max_num_tokens)`):
-        1 for the tokens of each image, 0 for padding.
+        1 for the (kept) tokens of each image, 0 for padding (or dropped tokens).
     gate_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Generalized batch-shaping loss of the gate values of this batch (only when the gate ran).
     gate_probs (`torch.FloatTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
@@ -55,9 +59,10 @@ class MSViTModelOutput(BaseModelOutputWithPooling):
     fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`):
         The decision taken: True where the region entered the encoder as fine tokens.
     num_tokens (`torch.LongTensor` of shape `(batch_size,)`):
-        Tokens that entered the encoder per image: CLS + coarse + fine.
+        Tokens of the chosen tokenization per image: CLS + coarse + fine.
     macs (`torch.FloatTensor` of shape `(batch_size,)`):
-        Multiply-accumulates this forward spent on each image (analytic; gate, patch embedding, encoder, pooler).
+        Multiply-accumulates of the chosen tokenization per image (analytic: gate, patch embedding, encoder, pooler):
+        what inference with these decisions computes.
     """
 
     attention_mask: torch.LongTensor | None = None
@@ -81,11 +86,11 @@ class MSViTImageClassifierOutput(ImageClassifierOutput):
     fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`):
         The decision taken: True where the region entered the encoder as fine tokens.
     num_tokens (`torch.LongTensor` of shape `(batch_size,)`):
-        Tokens that entered the encoder per image: CLS + coarse + fine.
+        Tokens of the chosen tokenization per image: CLS + coarse + fine.
     macs (`torch.FloatTensor` of shape `(batch_size,)`):
-        Multiply-accumulates this forward spent on each image (analytic, classifier included).
+        Multiply-accumulates of the chosen tokenization per image (analytic, classifier included).
     attention_mask (`torch.LongTensor` of shape `(batch_size, max_num_tokens)`):
-        1 for the tokens of each image, 0 for padding (aligned with `hidden_states`).
+        1 for the (kept) tokens of each image, 0 for padding (aligned with `hidden_states`).
     """
 
     gate_loss: torch.FloatTensor | None = None
@@ -105,9 +110,18 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, grid_h * grid_w, channels * patch_size**2)
 
 
-def expand_region_mask(region_mask: torch.Tensor, scale: int) -> torch.Tensor:
-    """`(batch, Hc, Wc)` -> `(batch, Hc * scale * Wc * scale)`: each region's value on its fine patches, raster order."""
-    return region_mask.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2).flatten(1)
+def expand_region_mask(region_mask: torch.Tensor, ratio: int) -> torch.Tensor:
+    """`(batch, Hc, Wc)` -> `(batch, Hc * ratio * Wc * ratio)`: each region's value on its fine patches, raster order."""
+    return region_mask.repeat_interleave(ratio, dim=1).repeat_interleave(ratio, dim=2).flatten(1)
+
+
+def vit_macs(config, num_patches: int, with_pooler: bool = False) -> int:
+    """MACs per image of a static ViT (transformers' `ViTModel`, or MSViT with a fixed tokenization) embedding and
+    encoding `num_patches` patches of `config.patch_size` plus CLS. The one ViT MAC formula of the package."""
+    embedding = num_patches * config.num_channels * config.patch_size**2 * config.hidden_size
+    encoder = config.num_hidden_layers * MSViTLayer.macs(config, num_patches + 1)
+    pooler = config.hidden_size * getattr(config, "pooler_output_size", config.hidden_size) if with_pooler else 0
+    return int(embedding + encoder + pooler)
 
 
 class MSViTPatchEmbeddings(nn.Module):
@@ -130,6 +144,60 @@ class MSViTPatchEmbeddings(nn.Module):
     def macs(self, num_patches):
         """MACs of embedding `num_patches` patches."""
         return num_patches * self.projection.weight[0].numel() * self.projection.out_channels
+
+
+@dataclass
+class GateDecisions:  # trf-ignore: TRF031 an internal hand-off between modules, not a model output
+    """Which regions are tokenized fine, and what the gate said.
+
+    `fine` `(batch, regions)` bool is the decision. When the gate ran: `probs` are `sigmoid(logits)`, `values` the
+    decisions as 0/1 floats that carry the straight-through gradient in training (None at inference), and
+    `gbas_input` what the batch-shaping loss shapes (`config.gbas_input`).
+    """
+
+    fine: torch.Tensor
+    probs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    gbas_input: torch.Tensor | None = None
+
+
+def sample_gate(logits: torch.Tensor, temperature: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training decisions from gate logits: `(soft, hard)` with `soft` a Gumbel-sigmoid sample and `hard =
+    1[soft >= threshold]` carrying the gradient of `soft` (straight-through). At threshold 0.5 a region is fine with
+    probability `sigmoid(logits)`, whatever the temperature."""
+    uniform = torch.rand_like(logits).clamp(1e-6, 1.0 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
+    hard = (soft >= threshold).to(soft.dtype)
+    return soft, hard + soft - soft.detach()
+
+
+def top_k_regions(probs: torch.Tensor, budget: int | float) -> torch.Tensor:
+    """`(batch, regions)` bool: the `budget` regions with the highest gate probabilities of each image, `budget` a
+    count (int) or a fraction of the regions (float in [0, 1], rounded)."""
+    num_regions = probs.shape[1]
+    count = budget if isinstance(budget, int) else round(budget * num_regions)
+    if not 0 <= count <= num_regions:
+        raise ValueError(f"fine_region_budget must select between 0 and {num_regions} regions, got {budget!r}.")
+    index = probs.topk(count, dim=1).indices
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, index, True)
+
+
+@dataclass
+class MSViTTokens:  # trf-ignore: TRF031 an internal hand-off between modules, not a model output
+    """What the embeddings hand to the encoder.
+
+    Selected layout (inference, and straight-through training): `tokens` `(total, hidden)` holds the kept coarse and
+    fine tokens of every image (CLS excluded), concatenated in image order, `lengths` `(batch,)` their count per image.
+    All layout (masked-attention training): `tokens` `(batch, coarse + fine, hidden)` holds both tokenizations of every
+    region and `key_weights` `(batch, 1 + coarse + fine)` the gate-weighted attention keys (1 = kept).
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    cls: torch.Tensor
+    decisions: GateDecisions
+    num_embedded: torch.Tensor
+    key_weights: torch.Tensor | None = None
 
 
 class MSViTGate(nn.Module):
@@ -163,24 +231,6 @@ class MSViTGate(nn.Module):
         return num_regions * sum(layer.weight.numel() for layer in self.layers)
 
 
-def sample_gate(
-    logits: torch.Tensor, training: bool, temperature: float, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Turns gate logits into decisions. Returns `(probs, soft, hard)`:
-
-    - training: `soft` is a Gumbel-sigmoid sample, `hard = 1[soft >= threshold]` carries the gradient of `soft`
-      (straight-through);
-    - eval: no noise, `soft = probs` and `hard = 1[probs >= threshold]` (no gradient).
-    """
-    probs = torch.sigmoid(logits)
-    if not training:
-        return probs, probs, (probs >= threshold).to(probs.dtype)
-    uniform = torch.rand_like(logits).clamp(1e-6, 1.0 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
-    hard = (soft >= threshold).to(soft.dtype)
-    return probs, soft, hard + soft - soft.detach()
-
-
 class MSViTEmbeddings(nn.Module):
     """Gate + mixed-scale tokenization: CLS, coarse and fine patch embeddings with their position embeddings.
 
@@ -198,211 +248,175 @@ class MSViTEmbeddings(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, fine_h * fine_w + 1, config.hidden_size))
         self.gate = MSViTGate(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.scale = config.coarse_patch_size // config.patch_size
+        self.ratio = config.coarse_patch_size // config.patch_size
 
-    def coarse_position_embeddings(self) -> torch.Tensor:
+    def token_position_embeddings(self) -> torch.Tensor:
+        """`(coarse + fine, hidden)`: the position embeddings of every coarse token, then of every fine token."""
         fine_h, fine_w = self.config.fine_grid
         grid = self.position_embeddings[:, 1:].reshape(1, fine_h, fine_w, -1).permute(0, 3, 1, 2)
-        coarse = F.avg_pool2d(grid, kernel_size=self.scale)
-        return coarse.flatten(2).transpose(1, 2)[0]
+        coarse = F.avg_pool2d(grid, kernel_size=self.ratio).flatten(2).transpose(1, 2)[0]
+        return torch.cat([coarse, self.position_embeddings[0, 1:]], dim=0)
+
+    def decide(self, pixel_values, coarse_embeddings, threshold, budget) -> GateDecisions:
+        """Runs the gate on every coarse region and decides which are tokenized fine."""
+        config = self.config
+        # CODEPATH: "pixels" (default) scores the raw regions; "embeddings" the coarse token embeddings.
+        if config.gate_input == "pixels":
+            gate_inputs = patchify(pixel_values, config.coarse_patch_size)
+        else:
+            gate_inputs = coarse_embeddings
+        logits = self.gate(gate_inputs)
+        probs = torch.sigmoid(logits)
+        if self.training:
+            soft, values = sample_gate(logits, config.gumbel_temperature, threshold)
+            # CODEPATH: GBaS shapes the gate probabilities (default) or, as the paper's wording reads, the samples.
+            gbas_input = probs if config.gbas_input == "probs" else soft
+            return GateDecisions(fine=values.detach() > 0.5, probs=probs, values=values, gbas_input=gbas_input)
+        fine = probs >= threshold if budget is None else top_k_regions(probs, budget)
+        return GateDecisions(fine=fine, probs=probs, gbas_input=probs)
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         fine_region_mask: torch.Tensor | None = None,
         gate_threshold: float | None = None,
-    ) -> dict:
-        """Returns a dict with `tokens` `(total_tokens, hidden)` (every image's tokens without CLS, concatenated in
-        image order), `lengths` `(batch,)` (tokens per image without CLS), the gate outputs and `embedded` (number
-        of patches embedded per image, for MAC accounting)."""
+        fine_region_budget: int | float | None = None,
+    ) -> MSViTTokens:
         config = self.config
         batch_size = pixel_values.shape[0]
-        coarse_h, coarse_w = config.coarse_grid
-        num_regions = coarse_h * coarse_w
-        threshold = config.gate_threshold if gate_threshold is None else gate_threshold
-
-        coarse_pixels = F.avg_pool2d(pixel_values, kernel_size=self.scale) if self.scale > 1 else pixel_values
+        coarse_pixels = F.avg_pool2d(pixel_values, kernel_size=self.ratio)
         coarse_patches = patchify(coarse_pixels, config.patch_size)
         coarse_embeddings = None
-        gate_logits = gate_probs = gate_soft = None
-
-        if fine_region_mask is None:
-            # CODEPATH: "pixels" (default) or "embeddings" (then coarse tokens are embedded for every region).
-            if config.gate_input == "pixels":
-                gate_inputs = patchify(pixel_values, config.coarse_patch_size)
-            else:
-                coarse_embeddings = self.patch_embeddings(coarse_patches)
-                gate_inputs = coarse_embeddings
-            gate_logits = self.gate(gate_inputs)
-            gate_probs, gate_soft, gate_values = sample_gate(
-                gate_logits, self.training, config.gumbel_temperature, threshold
-            )
-            fine = gate_values.detach() > 0.5
+        if fine_region_mask is not None:
+            fine = fine_region_mask.reshape(batch_size, -1).to(device=pixel_values.device, dtype=torch.bool)
+            decisions = GateDecisions(fine=fine)
         else:
-            fine = fine_region_mask.reshape(batch_size, num_regions).to(device=pixel_values.device, dtype=torch.bool)
-            gate_values = fine.to(pixel_values.dtype)
+            # CODEPATH: "embeddings" gates embed the coarse token of every region first (reused below).
+            if config.gate_input == "embeddings":
+                coarse_embeddings = self.patch_embeddings(coarse_patches)
+            threshold = config.gate_threshold if gate_threshold is None else gate_threshold
+            decisions = self.decide(pixel_values, coarse_embeddings, threshold, fine_region_budget)
+        cls = self.cls_token[0, 0] + self.position_embeddings[0, 0]
+        # CODEPATH: masked-attention training (default) keeps both tokenizations; otherwise only the selected tokens.
+        if decisions.values is not None and config.gate_training_mode == "masked_attention":
+            return self._embed_all(pixel_values, coarse_patches, coarse_embeddings, decisions, cls)
+        return self._embed_selected(pixel_values, coarse_patches, coarse_embeddings, decisions, cls)
 
-        keep_coarse = ~fine
-        keep_fine = expand_region_mask(fine.reshape(batch_size, coarse_h, coarse_w), self.scale)
+    def _embed_selected(self, pixel_values, coarse_patches, coarse_embeddings, decisions, cls) -> MSViTTokens:
+        """Embeds only the patches that enter the encoder, straight into their place in the flat token list."""
+        batch_size, num_regions = decisions.fine.shape
+        coarse_h, coarse_w = self.config.coarse_grid
+        keep_coarse = ~decisions.fine
+        keep_fine = expand_region_mask(decisions.fine.reshape(batch_size, coarse_h, coarse_w), self.ratio)
         keep = torch.cat([keep_coarse, keep_fine], dim=1)
         lengths = keep.sum(dim=1)
-
-        # Embed only the patches that enter the encoder, straight into their place in the flat token list.
         flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1
         total = int(lengths.sum())  # trf-ignore: TRF056 the token count is data-dependent by design
-        hidden_size = config.hidden_size
-        weight = self.patch_embeddings.projection.weight
-        tokens = weight.new_zeros(total, hidden_size)
         if coarse_embeddings is not None:
             coarse_tokens = coarse_embeddings[keep_coarse]
         else:
             coarse_tokens = self.patch_embeddings(coarse_patches[keep_coarse])
-        fine_tokens = self.patch_embeddings(patchify(pixel_values, config.patch_size)[keep_fine])
+        fine_tokens = self.patch_embeddings(patchify(pixel_values, self.config.patch_size)[keep_fine])
+        tokens = coarse_tokens.new_zeros(total, self.config.hidden_size)
         tokens = tokens.index_copy(0, flat_index[:, :num_regions][keep_coarse], coarse_tokens)
         tokens = tokens.index_copy(0, flat_index[:, num_regions:][keep_fine], fine_tokens)
-
-        positions = torch.cat([self.coarse_position_embeddings(), self.position_embeddings[0, 1:]], dim=0)
-        tokens = tokens + positions.expand(batch_size, -1, -1)[keep]
-        if gate_values.requires_grad:
+        tokens = tokens + self.token_position_embeddings().expand(batch_size, -1, -1)[keep]
+        if decisions.values is not None:
             # Straight-through: the values are exactly 1 for kept tokens but carry the gate's gradient.
-            fine_values = expand_region_mask(gate_values.reshape(batch_size, coarse_h, coarse_w), self.scale)
-            scale = torch.cat([1.0 - gate_values, fine_values], dim=1)
-            tokens = tokens * scale[keep][:, None].to(tokens.dtype)
+            tokens = tokens * self._key_weights(decisions.values)[:, 1:][keep][:, None].to(tokens.dtype)
+        embedded = self._num_embedded(decisions, lengths)
+        return MSViTTokens(tokens=tokens, lengths=lengths, cls=cls, decisions=decisions, num_embedded=embedded)
 
-        embedded = lengths + (num_regions - keep_coarse.sum(dim=1) if coarse_embeddings is not None else 0)
-        return {
-            "tokens": tokens,
-            "lengths": lengths,
-            "cls": self.cls_token[0, 0] + self.position_embeddings[0, 0],
-            "fine": fine.reshape(batch_size, coarse_h, coarse_w),
-            "gate_probs": None if gate_probs is None else gate_probs.reshape(batch_size, coarse_h, coarse_w),
-            "gate_soft": gate_soft,
-            "gate_ran": gate_logits is not None,
-            "embedded": embedded,
-        }
+    def _embed_all(self, pixel_values, coarse_patches, coarse_embeddings, decisions, cls) -> MSViTTokens:
+        """Both tokenizations of every region, with the gate decisions as attention-key weights."""
+        if coarse_embeddings is None:
+            coarse_embeddings = self.patch_embeddings(coarse_patches)
+        fine_embeddings = self.patch_embeddings(patchify(pixel_values, self.config.patch_size))
+        tokens = torch.cat([coarse_embeddings, fine_embeddings], dim=1) + self.token_position_embeddings()
+        fine = decisions.fine
+        lengths = (~fine).sum(1) + self.ratio**2 * fine.sum(1)
+        return MSViTTokens(
+            tokens=tokens,
+            lengths=lengths,
+            cls=cls,
+            decisions=decisions,
+            num_embedded=self._num_embedded(decisions, lengths),
+            key_weights=self._key_weights(decisions.values),
+        )
 
+    def _num_embedded(self, decisions: GateDecisions, lengths: torch.Tensor) -> torch.Tensor:
+        """Patches the inference path embeds per image: the tokens, plus the coarse tokens of fine regions when the gate
+        ran on coarse embeddings (it embeds every region's coarse token first)."""
+        # CODEPATH: "embeddings" gates (opt-in) embed every region's coarse token; "pixels" gates (default) do not.
+        if self.config.gate_input == "embeddings" and decisions.probs is not None:
+            return lengths + decisions.fine.sum(1)
+        return lengths
 
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-):
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value)
-    attn_output = attn_output.transpose(1, 2).contiguous()
-    return attn_output, attn_weights
+    def _key_weights(self, values: torch.Tensor) -> torch.Tensor:
+        """`(batch, 1 + coarse + fine)`: 1 for CLS, `1 - value` for each coarse token, the region's value for each
+        fine token (0/1 forward, the gate's straight-through gradient backward)."""
+        coarse_h, coarse_w = self.config.coarse_grid
+        fine_values = expand_region_mask(values.reshape(-1, coarse_h, coarse_w), self.ratio)
+        return torch.cat([torch.ones_like(values[:, :1]), 1.0 - values, fine_values], dim=1)
 
 
-class MSViTAttention(nn.Module):
-    def __init__(self, config: MSViTConfig):
-        super().__init__()
-        self.config = config
-        self.num_attention_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.attention_dropout = config.attention_probs_dropout_prob
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
+def gate_weighted_attention(module, query, key, value, key_weights, scaling, dropout=0.0):
+    """Attention in which each key counts with its weight `w` (DynamicViT's masked softmax): `exp(s) * w / sum(exp(s) *
+    w)`, every query also attending to itself. With 0/1 weights a kept token attends exactly to the kept tokens (the
+    inference result), while the gradient of a dropped key's weight is the attention it would have received: the gate
+    sees what the other tokenization of a region would have contributed."""
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling
+    eye = torch.eye(key.shape[2], device=key.device, dtype=scores.dtype)
+    policy = key_weights.to(scores.dtype)[:, None, None, :]
+    policy = policy + (1.0 - policy) * eye
+    # Shift by the largest score among the keys a query may attend to (exact softmax over them), and cap the others
+    # there: a dropped key's weight is 0 in the forward, and its gradient stays finite.
+    allowed_max = scores.masked_fill(policy.detach() <= 0.5, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    weights = (scores - allowed_max).clamp(max=0.0).exp() * policy
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=True)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+class MSViTAttention(ViTAttention):
+    """transformers' `ViTAttention`, plus the gate-weighted attention of masked-attention training (a `key_weights`
+    argument); without it, the ViT attention dispatched through the configured backend."""
+
+    def forward(self, hidden_states, attention_mask=None, key_weights=None, **kwargs: Unpack[TransformersKwargs]):
+        if key_weights is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = self.o_proj(attn_output)
-        return attn_output, attn_weights
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        dropout = self.attention_dropout if self.training else 0.0
+        attn_output, attn_weights = gate_weighted_attention(self, query, key, value, key_weights, self.scaling, dropout)
+        return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
 
 
-class MSViTMLP(nn.Module):
-    def __init__(self, config: MSViTConfig):
-        super().__init__()
-        self.activation_fn = ACT2FN[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
-
-
-class MSViTLayer(GradientCheckpointingLayer):
-    """A ViT encoder layer (same parameter names as transformers' `ViTLayer`, so ViT weights load as they are)."""
+class MSViTLayer(ViTLayer):
+    """transformers' `ViTLayer` (same parameter names, so ViT weights load as they are) with `MSViTAttention`."""
 
     def __init__(self, config: MSViTConfig):
-        super().__init__()
+        super().__init__(config)
         self.attention = MSViTAttention(config)
-        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = MSViTMLP(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
+    def forward(self, hidden_states, attention_mask=None, key_weights=None, **kwargs: Unpack[TransformersKwargs]):
+        # ViTLayer.forward plus a positional `key_weights`: reentrant activation checkpointing only passes gradients
+        # to positional tensors, and the key weights carry the gate's.
         residual = hidden_states
         hidden_states = self.layernorm_before(hidden_states)
-        hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        hidden_states, _ = self.attention(hidden_states, attention_mask, key_weights=key_weights, **kwargs)
         hidden_states = self.dropout(hidden_states) + residual
-
-        residual = hidden_states
-        hidden_states = self.mlp(self.layernorm_after(hidden_states))
-        return self.dropout(hidden_states) + residual
+        return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
 
     @staticmethod
-    def macs(config: MSViTConfig, num_tokens):
+    def macs(config, num_tokens):
         """MACs of one layer on a sequence of `num_tokens` tokens: q/k/v/o projections, attention scores and
         weighted sum, MLP. (Norms, activations and residuals are not multiply-accumulates of matrices.)"""
         hidden, intermediate = config.hidden_size, config.intermediate_size
         return num_tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * num_tokens * num_tokens * hidden
-
-
-class MSViTPooler(nn.Module):
-    def __init__(self, config: MSViTConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.pooler_output_size)
-        self.activation = ACT2FN[config.pooler_act]
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dense(hidden_states[:, 0]))
 
 
 def partition_by_length(lengths: list[int], mode: str, overhead_tokens: int) -> list[list[int]]:
@@ -457,17 +471,18 @@ class MSViTPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
+        target_logit = math.log(self.config.gbas_target_ratio / (1.0 - self.config.gbas_target_ratio))
         if isinstance(module, MSViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, MSViTGate):
-            # Start every region near the target fine ratio; GBaS then makes the decisions input-dependent.
-            target = self.config.gbas_target_ratio
-            init.constant_(module.logit_bias, math.log(target / (1.0 - target)))
+            # Every region starts at p(fine) = target; GBaS and the task then make the decisions input-dependent.
+            init.constant_(module.logit_bias, target_logit)
         elif isinstance(module, GeneralizedBatchShaping):
-            target = self.config.gbas_target_ratio
-            init.constant_(module.prior_mean_logits, math.log(target / (1.0 - target)))
-            init.zeros_(module.prior_temperature_logits)
+            init.constant_(module.prior_mean_logits, target_logit)
+            if module.prior_temperature_logits is not None:
+                temperature = self.config.gbas_prior_temperature
+                init.constant_(module.prior_temperature_logits, math.log(temperature / (1.0 - temperature)))
 
     @classmethod
     def from_vit_pretrained(cls, vit, **config_overrides):
@@ -492,13 +507,15 @@ class MSViTModel(MSViTPreTrainedModel):
         self.embeddings = MSViTEmbeddings(config)
         self.layers = nn.ModuleList([MSViTLayer(config) for _ in range(config.num_hidden_layers)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.pooler = MSViTPooler(config) if add_pooling_layer else None
+        self.pooler = ViTPooler(config) if add_pooling_layer else None
         coarse_h, coarse_w = config.coarse_grid
         self.batch_shaping = GeneralizedBatchShaping(
             coarse_h * coarse_w,
             config.gbas_target_ratio,
             config.gbas_hyperprior_std,
             config.gbas_temperature_l1_weight,
+            prior_temperature=config.gbas_prior_temperature,
+            learn_temperature=config.gbas_learn_prior_temperature,
         )
         self.post_init()
 
@@ -546,6 +563,17 @@ class MSViTModel(MSViTPreTrainedModel):
         output = source.new_zeros(lengths.shape[0], max_len, source.shape[-1])
         return output.index_put((image_ids, steps), packed)
 
+    def _encode_all(self, tokens: MSViTTokens, **kwargs):
+        """Masked-attention training: `[CLS, every coarse token, every fine token]`, attention keys weighted by the
+        gate decisions. Kept tokens compute exactly what the selected layout computes; dropped ones are zeroed."""
+        batch_size = tokens.tokens.shape[0]
+        hidden_states = torch.cat([tokens.cls.expand(batch_size, 1, -1), tokens.tokens], dim=1)
+        hidden_states = self.embeddings.dropout(hidden_states)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, None, tokens.key_weights, **kwargs)
+        kept = (tokens.key_weights.detach() > 0.5).long()
+        return self.layernorm(hidden_states) * kept[..., None].to(hidden_states.dtype), kept
+
     def _run_layers(self, hidden_states, padding_mask, packed_image_ids, **kwargs):
         hidden_states = self.embeddings.dropout(hidden_states)
         attention_mask = create_bidirectional_mask(
@@ -558,9 +586,57 @@ class MSViTModel(MSViTPreTrainedModel):
             hidden_states = layer(hidden_states, attention_mask, **kwargs)
         return self.layernorm(hidden_states)
 
-    def encoder_macs(self, num_tokens):
-        """MACs of the encoder layers on sequences of `num_tokens` tokens (CLS included)."""
-        return self.config.num_hidden_layers * MSViTLayer.macs(self.config, num_tokens)
+    def _check_inputs(self, pixel_values, fine_region_mask, gate_threshold, fine_region_budget) -> None:
+        config = self.config
+        height, width = config.image_hw
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (config.num_channels, height, width):
+            raise ValueError(
+                f"pixel_values must have shape (batch_size, {config.num_channels}, {height}, {width}), got "
+                f"{tuple(pixel_values.shape)}. Resize images with the model's image processor."
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"pixel_values holds no image (shape {tuple(pixel_values.shape)}); pass at least one.")
+        if fine_region_mask is not None:
+            expected = (pixel_values.shape[0], *config.coarse_grid)
+            if tuple(fine_region_mask.shape) != expected:
+                raise ValueError(
+                    f"fine_region_mask must have shape (batch_size, coarse_height, coarse_width) = {expected}, got "
+                    f"{tuple(fine_region_mask.shape)}."
+                )
+        if gate_threshold is not None and not 0.0 <= gate_threshold <= 1.0:
+            raise ValueError(f"gate_threshold must lie in [0, 1], got {gate_threshold}.")
+        if fine_region_budget is not None:
+            config.check_fine_region_budget(fine_region_budget)
+
+    def _batching_mode(self, kwargs) -> str:
+        """How images of different lengths share the encoder. Per-layer outputs and training run one padded group, so
+        that every layer runs once per forward (one hook call per layer; the same collectives on every process under
+        DDP/FSDP); otherwise `config.token_batching`."""
+        config = self.config
+        records_layers = kwargs.get("output_hidden_states", config.output_hidden_states) or kwargs.get(
+            "output_attentions", config.output_attentions
+        )
+        return "pad" if records_layers or self.training else config.token_batching
+
+    def _gate_loss(self, decisions: GateDecisions) -> torch.Tensor | None:
+        if decisions.gbas_input is None:
+            return None
+        gate_values = decisions.gbas_input
+        # CODEPATH: multi-process training with the GBaS statistics of the global batch (off by default).
+        if self.config.gbas_gather_across_processes and self.training:
+            gate_values = gather_across_processes(gate_values)
+        return self.batch_shaping(gate_values)
+
+    def token_macs(self, tokens: MSViTTokens) -> torch.Tensor:
+        """`(batch,)` MACs of the chosen tokenization: encoder, patch embedding, gate (when it ran), pooler."""
+        num_tokens = tokens.lengths.double() + 1
+        macs = self.config.num_hidden_layers * MSViTLayer.macs(self.config, num_tokens)
+        macs = macs + self.embeddings.patch_embeddings.macs(tokens.num_embedded.double())
+        if tokens.decisions.probs is not None:
+            macs = macs + self.embeddings.gate.macs(tokens.decisions.fine.shape[1])
+        if self.pooler is not None:
+            macs = macs + self.pooler.dense.weight.numel()
+        return macs.float()
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
@@ -570,6 +646,7 @@ class MSViTModel(MSViTPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         fine_region_mask: torch.BoolTensor | None = None,
         gate_threshold: float | None = None,
+        fine_region_budget: int | float | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MSViTModelOutput:
         r"""
@@ -578,65 +655,33 @@ class MSViTModel(MSViTPreTrainedModel):
             model was upcycled from; all False the coarse-only tokenization. The gate does not run.
         gate_threshold (`float`, *optional*):
             Overrides `config.gate_threshold` for this call. Higher values select fewer fine regions.
+        fine_region_budget (`int` or `float`, *optional*):
+            Overrides `config.fine_region_budget` for this call (inference): tokenize exactly this many regions fine
+            per image (an `int` count, or a `float` fraction of the regions), those with the highest gate
+            probabilities. Every image then has the same number of tokens.
         """
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values.")
-        config = self.config
-        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
-        if pixel_values.dtype != expected_dtype:
-            pixel_values = pixel_values.to(expected_dtype)
-        height, width = config.image_hw
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (config.num_channels, height, width):
-            raise ValueError(
-                f"pixel_values must have shape (batch_size, {config.num_channels}, {height}, {width}), got "
-                f"{tuple(pixel_values.shape)}. Resize images with the model's image processor."
-            )
-        batch_size = pixel_values.shape[0]
-        if fine_region_mask is not None:
-            expected = (batch_size, *config.coarse_grid)
-            if tuple(fine_region_mask.shape) != expected:
-                raise ValueError(
-                    f"fine_region_mask must have shape (batch_size, coarse_height, coarse_width) = {expected}, got "
-                    f"{tuple(fine_region_mask.shape)}."
-                )
-        if gate_threshold is not None and not 0.0 <= gate_threshold <= 1.0:
-            raise ValueError(f"gate_threshold must lie in [0, 1], got {gate_threshold}.")
-
-        embedded = self.embeddings(pixel_values, fine_region_mask=fine_region_mask, gate_threshold=gate_threshold)
-        lengths = embedded["lengths"]
-
-        # Per-layer outputs (hidden states, attentions) need one call per layer: run one padded batch then.
-        records_layers = kwargs.get("output_hidden_states", config.output_hidden_states) or kwargs.get(
-            "output_attentions", config.output_attentions
-        )
-        mode = "pad" if records_layers else config.token_batching
-        sequence_output, attention_mask = self.encode(embedded["tokens"], lengths, embedded["cls"], mode, **kwargs)
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-
-        gate_loss = None
-        if embedded["gate_ran"]:
-            gate_values = embedded["gate_soft"]
-            # CODEPATH: multi-process training with the GBaS statistics of the global batch (off by default).
-            if config.gbas_gather_across_processes and self.training:
-                gate_values = gather_across_processes(gate_values)
-            gate_loss = self.batch_shaping(gate_values)
-
-        num_tokens = lengths + 1
-        macs = self.encoder_macs(num_tokens.double()) + self.embeddings.patch_embeddings.macs(embedded["embedded"].double())
-        if embedded["gate_ran"]:
-            macs = macs + self.embeddings.gate.macs(config.coarse_grid[0] * config.coarse_grid[1])
-        if self.pooler is not None:
-            macs = macs + self.pooler.dense.weight.numel()
-
+        budget = self.config.fine_region_budget if fine_region_budget is None else fine_region_budget
+        self._check_inputs(pixel_values, fine_region_mask, gate_threshold, budget)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        tokens = self.embeddings(pixel_values, fine_region_mask, gate_threshold, budget)
+        if tokens.key_weights is not None:
+            sequence_output, attention_mask = self._encode_all(tokens, **kwargs)
+        else:
+            mode = self._batching_mode(kwargs)
+            sequence_output, attention_mask = self.encode(tokens.tokens, tokens.lengths, tokens.cls, mode, **kwargs)
+        coarse_h, coarse_w = self.config.coarse_grid
+        probs = tokens.decisions.probs
         return MSViTModelOutput(
             last_hidden_state=sequence_output,
-            pooler_output=pooled_output,
+            pooler_output=self.pooler(sequence_output) if self.pooler is not None else None,
             attention_mask=attention_mask,
-            gate_loss=gate_loss,
-            gate_probs=embedded["gate_probs"],
-            fine_region_mask=embedded["fine"],
-            num_tokens=num_tokens,
-            macs=macs.float(),
+            gate_loss=self._gate_loss(tokens.decisions),
+            gate_probs=None if probs is None else probs.reshape(-1, coarse_h, coarse_w),
+            fine_region_mask=tokens.decisions.fine.reshape(-1, coarse_h, coarse_w),
+            num_tokens=tokens.lengths + 1,
+            macs=self.token_macs(tokens),
         )
 
     def static_macs(self, fine: bool = True) -> float:
@@ -645,10 +690,7 @@ class MSViTModel(MSViTPreTrainedModel):
         fine_h, fine_w = self.config.fine_grid
         coarse_h, coarse_w = self.config.coarse_grid
         patches = fine_h * fine_w if fine else coarse_h * coarse_w
-        macs = self.encoder_macs(patches + 1) + self.embeddings.patch_embeddings.macs(patches)
-        if self.pooler is not None:
-            macs += self.pooler.dense.weight.numel()
-        return float(macs)
+        return float(vit_macs(self.config, patches, with_pooler=self.pooler is not None))
 
 
 @auto_docstring(
@@ -672,6 +714,7 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         labels: torch.Tensor | None = None,
         fine_region_mask: torch.BoolTensor | None = None,
         gate_threshold: float | None = None,
+        fine_region_budget: int | float | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MSViTImageClassifierOutput:
         r"""
@@ -683,6 +726,9 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
             model was upcycled from; all False the coarse-only tokenization. The gate does not run.
         gate_threshold (`float`, *optional*):
             Overrides `config.gate_threshold` for this call. Higher values select fewer fine regions.
+        fine_region_budget (`int` or `float`, *optional*):
+            Overrides `config.fine_region_budget` for this call (inference): exactly this many regions fine per image
+            (`int` count or `float` fraction), those with the highest gate probabilities; every image the same length.
 
         Example:
 
@@ -698,7 +744,11 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         ```
         """
         outputs: MSViTModelOutput = self.msvit(
-            pixel_values, fine_region_mask=fine_region_mask, gate_threshold=gate_threshold, **kwargs
+            pixel_values,
+            fine_region_mask=fine_region_mask,
+            gate_threshold=gate_threshold,
+            fine_region_budget=fine_region_budget,
+            **kwargs,
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
 
@@ -735,4 +785,4 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
 MSViTModel.register_for_auto_class("AutoModel")
 MSViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
-__all__ = ["MSViTForImageClassification", "MSViTModel", "MSViTPreTrainedModel"]
+__all__ = ["MSViTForImageClassification", "MSViTModel", "MSViTPreTrainedModel", "vit_macs"]
