@@ -417,3 +417,31 @@ def test_default_gate_costs_at_most_two_percent_of_the_static_vit(backbone, gate
     fraction = model.embeddings.gate.macs(regions) / model.static_macs()
     assert fraction <= 0.02 or config.gate_hidden_size == 8, (config.gate_hidden_size, fraction)
     assert fraction <= 0.025
+
+
+def test_fine_grid_features_restore_the_mixed_tokens():
+    """Tokens back on the fine grid: with every region fine, the ViT's patch tokens; a coarse token fills its region;
+    both layouts (selected tokens, masked-attention training) give the same grid."""
+    vit = tiny_vit()
+    model = MSViTModel.from_vit_pretrained(vit.vit, coarse_patch_size=16)
+    x = images(3)
+    with torch.no_grad():
+        all_fine = model(x, fine_region_mask=torch.ones(3, 4, 4, dtype=torch.bool))
+        grid = model.fine_grid_features(all_fine.last_hidden_state, all_fine.fine_region_mask)
+        expected = vit.vit(x).last_hidden_state[:, 1:].transpose(1, 2).reshape(3, 32, 8, 8)
+        torch.testing.assert_close(grid, expected, atol=1e-5, rtol=0)
+
+    mixed = mixed_model()
+    torch.manual_seed(0)
+    mixed.train()
+    masked = mixed.msvit(x)  # masked-attention layout
+    mixed.eval()
+    with torch.no_grad():
+        selected = mixed.msvit(x, fine_region_mask=masked.fine_region_mask)
+        grid_selected = mixed.msvit.fine_grid_features(selected.last_hidden_state, selected.fine_region_mask)
+    grid_masked = mixed.msvit.fine_grid_features(masked.last_hidden_state, masked.fine_region_mask).detach()
+    torch.testing.assert_close(grid_masked, grid_selected, atol=1e-5, rtol=1e-5)
+    image, region = 0, masked.fine_region_mask[0].flatten().tolist().index(False)
+    row, col = divmod(region, 4)
+    cell = grid_selected[image, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2].flatten(1)
+    assert torch.equal(cell, cell[:, :1].expand(-1, 4))  # a coarse token covers its 2x2 fine patches

@@ -684,6 +684,31 @@ class MSViTModel(MSViTPreTrainedModel):
             macs=self.token_macs(tokens),
         )
 
+    def fine_grid_features(self, last_hidden_state: torch.Tensor, fine_region_mask: torch.Tensor) -> torch.Tensor:
+        """Puts the encoder's tokens back on the fine patch grid: `(batch, hidden, fine_height, fine_width)`, each fine
+        region's tokens at their patches and each coarse token copied onto the fine patches of its region (the
+        mixed-scale tokens "restored" for dense heads). Works with both layouts of `last_hidden_state`: the selected
+        tokens (`[CLS, kept coarse, kept fine]`, padded) and masked-attention training's `[CLS, all coarse, all fine]`.
+        """
+        config = self.config
+        batch_size = last_hidden_state.shape[0]
+        (coarse_h, coarse_w), (fine_h, fine_w) = config.coarse_grid, config.fine_grid
+        num_regions = coarse_h * coarse_w
+        fine = fine_region_mask.reshape(batch_size, num_regions).bool()
+        keep_fine = expand_region_mask(fine.reshape(batch_size, coarse_h, coarse_w), self.embeddings.ratio)
+        region_ids = torch.arange(num_regions, device=fine.device).reshape(1, coarse_h, coarse_w)
+        region_of_patch = expand_region_mask(region_ids, self.embeddings.ratio)[0]  # (fine patches,)
+        if last_hidden_state.shape[1] == 1 + num_regions + fine_h * fine_w:  # every token of both tokenizations
+            coarse_position = 1 + region_of_patch.expand(batch_size, -1)
+            fine_position = 1 + num_regions + torch.arange(fine_h * fine_w, device=fine.device).expand(batch_size, -1)
+        else:
+            coarse_rank = (~fine).cumsum(1) - 1
+            coarse_position = 1 + coarse_rank[:, region_of_patch]
+            fine_position = 1 + (~fine).sum(1, keepdim=True) + keep_fine.cumsum(1) - 1
+        position = torch.where(keep_fine, fine_position, coarse_position)
+        grid = last_hidden_state.gather(1, position[..., None].expand(-1, -1, last_hidden_state.shape[-1]))
+        return grid.transpose(1, 2).reshape(batch_size, -1, fine_h, fine_w)
+
     def static_macs(self, fine: bool = True) -> float:
         """MACs per image of the static ViT this model comes from (`fine=True`: ViT/`patch_size`, every region
         fine, no gate) or of the coarse-only tokenization (`fine=False`)."""
