@@ -171,25 +171,27 @@ def sample_gate(logits: torch.Tensor, temperature: float, threshold: float) -> t
     return soft, hard + soft - soft.detach()
 
 
+def budget_count(budget: int | float, num_regions: int) -> int:
+    """Regions a `fine_region_budget` selects per image: an `int` count as is, a `float` fraction rounded."""
+    return budget if isinstance(budget, int) else round(budget * num_regions)
+
+
 def top_k_regions(probs: torch.Tensor, budget: int | float) -> torch.Tensor:
     """`(batch, regions)` bool: the `budget` regions with the highest gate probabilities of each image, `budget` a
     count (int) or a fraction of the regions (float in [0, 1], rounded)."""
-    num_regions = probs.shape[1]
-    count = budget if isinstance(budget, int) else round(budget * num_regions)
-    if not 0 <= count <= num_regions:
-        raise ValueError(f"fine_region_budget must select between 0 and {num_regions} regions, got {budget!r}.")
-    index = probs.topk(count, dim=1).indices
+    index = probs.topk(budget_count(budget, probs.shape[1]), dim=1).indices
     return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, index, True)
 
 
 @dataclass
 class MSViTTokens:  # trf-ignore: TRF031 an internal hand-off between modules, not a model output
-    """What the embeddings hand to the encoder.
+    """What the embeddings hand to the encoder: `tokens` `(batch, max_tokens, hidden)` (CLS not included).
 
-    Selected layout (inference, and straight-through training): `tokens` `(total, hidden)` holds the kept coarse and
-    fine tokens of every image (CLS excluded), concatenated in image order, `lengths` `(batch,)` their count per image.
-    All layout (masked-attention training): `tokens` `(batch, coarse + fine, hidden)` holds both tokenizations of every
-    region and `key_weights` `(batch, 1 + coarse + fine)` the gate-weighted attention keys (1 = kept).
+    Selected layout (inference, and straight-through training): each image's kept coarse tokens then its kept fine
+    tokens (each group in raster order), zero-padded after `lengths[i]`; `uniform_length` is set when every image has
+    the same count (a fine-region budget), which the encoder then knows without reading `lengths`. All layout
+    (masked-attention training): every coarse then every fine token, and `key_weights` `(batch, 1 + coarse + fine)`
+    the gate-weighted attention keys (1 = kept).
     """
 
     tokens: torch.Tensor
@@ -198,6 +200,7 @@ class MSViTTokens:  # trf-ignore: TRF031 an internal hand-off between modules, n
     decisions: GateDecisions
     num_embedded: torch.Tensor
     key_weights: torch.Tensor | None = None
+    uniform_length: int | None = None
 
 
 class MSViTGate(nn.Module):
@@ -300,32 +303,41 @@ class MSViTEmbeddings(nn.Module):
         # CODEPATH: masked-attention training (default) keeps both tokenizations; otherwise only the selected tokens.
         if decisions.values is not None and config.gate_training_mode == "masked_attention":
             return self._embed_all(pixel_values, coarse_patches, coarse_embeddings, decisions, cls)
-        return self._embed_selected(pixel_values, coarse_patches, coarse_embeddings, decisions, cls)
+        uniform_length = None
+        if decisions.probs is not None and not self.training and fine_region_budget is not None:
+            count = budget_count(fine_region_budget, decisions.fine.shape[1])
+            uniform_length = decisions.fine.shape[1] + (self.ratio**2 - 1) * count
+        return self._embed_selected(pixel_values, coarse_patches, decisions, cls, uniform_length)
 
-    def _embed_selected(self, pixel_values, coarse_patches, coarse_embeddings, decisions, cls) -> MSViTTokens:
-        """Embeds only the patches that enter the encoder, straight into their place in the flat token list."""
-        batch_size, num_regions = decisions.fine.shape
+    def _embed_selected(self, pixel_values, coarse_patches, decisions, cls, uniform_length=None) -> MSViTTokens:
+        """Embeds only the patches that enter the encoder, each image's at the front of its row: the candidates (every
+        coarse region, then every fine patch) are ordered kept-first by a stable sort, so kept tokens keep raster
+        order; the patches are gathered and embedded in one matmul, padding rows zeroed."""
+        batch_size, _ = decisions.fine.shape
         coarse_h, coarse_w = self.config.coarse_grid
-        keep_coarse = ~decisions.fine
         keep_fine = expand_region_mask(decisions.fine.reshape(batch_size, coarse_h, coarse_w), self.ratio)
-        keep = torch.cat([keep_coarse, keep_fine], dim=1)
+        keep = torch.cat([~decisions.fine, keep_fine], dim=1)
         lengths = keep.sum(dim=1)
-        flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1
-        total = int(lengths.sum())  # trf-ignore: TRF056 the token count is data-dependent by design
-        if coarse_embeddings is not None:
-            coarse_tokens = coarse_embeddings[keep_coarse]
-        else:
-            coarse_tokens = self.patch_embeddings(coarse_patches[keep_coarse])
-        fine_tokens = self.patch_embeddings(patchify(pixel_values, self.config.patch_size)[keep_fine])
-        tokens = coarse_tokens.new_zeros(total, self.config.hidden_size)
-        tokens = tokens.index_copy(0, flat_index[:, :num_regions][keep_coarse], coarse_tokens)
-        tokens = tokens.index_copy(0, flat_index[:, num_regions:][keep_fine], fine_tokens)
-        tokens = tokens + self.token_position_embeddings().expand(batch_size, -1, -1)[keep]
+        # trf-ignore: TRF056 the token count is data-dependent by design (known in advance with a budget)
+        max_length = uniform_length if uniform_length is not None else int(lengths.max())
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :max_length]
+        candidates = torch.cat([coarse_patches, patchify(pixel_values, self.config.patch_size)], dim=1)
+        patches = candidates.gather(1, order[..., None].expand(-1, -1, candidates.shape[-1]))
+        tokens = self.patch_embeddings(patches) + self.token_position_embeddings()[order]
         if decisions.values is not None:
             # Straight-through: the values are exactly 1 for kept tokens but carry the gate's gradient.
-            tokens = tokens * self._key_weights(decisions.values)[:, 1:][keep][:, None].to(tokens.dtype)
-        embedded = self._num_embedded(decisions, lengths)
-        return MSViTTokens(tokens=tokens, lengths=lengths, cls=cls, decisions=decisions, num_embedded=embedded)
+            tokens = tokens * self._key_weights(decisions.values)[:, 1:].gather(1, order)[..., None].to(tokens.dtype)
+        if uniform_length is None:
+            valid = torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+            tokens = tokens * valid[..., None].to(tokens.dtype)
+        return MSViTTokens(
+            tokens=tokens,
+            lengths=lengths,
+            cls=cls,
+            decisions=decisions,
+            num_embedded=self._num_embedded(decisions, lengths),
+            uniform_length=uniform_length,
+        )
 
     def _embed_all(self, pixel_values, coarse_patches, coarse_embeddings, decisions, cls) -> MSViTTokens:
         """Both tokenizations of every region, with the gate decisions as attention-key weights."""
@@ -345,11 +357,11 @@ class MSViTEmbeddings(nn.Module):
         )
 
     def _num_embedded(self, decisions: GateDecisions, lengths: torch.Tensor) -> torch.Tensor:
-        """Patches the inference path embeds per image: the tokens, plus the coarse tokens of fine regions when the gate
-        ran on coarse embeddings (it embeds every region's coarse token first)."""
+        """Patches embedded per image: the tokens, plus every region's coarse token when the gate ran on coarse
+        embeddings (embedded for the gate, then the kept ones again with the tokens)."""
         # CODEPATH: "embeddings" gates (opt-in) embed every region's coarse token; "pixels" gates (default) do not.
         if self.config.gate_input == "embeddings" and decisions.probs is not None:
-            return lengths + decisions.fine.sum(1)
+            return lengths + decisions.fine.shape[1]
         return lengths
 
     def _key_weights(self, values: torch.Tensor) -> torch.Tensor:
@@ -522,46 +534,35 @@ class MSViTModel(MSViTPreTrainedModel):
     def get_input_embeddings(self) -> MSViTPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    def encode(self, tokens: torch.Tensor, lengths: torch.Tensor, cls: torch.Tensor, mode: str, **kwargs):
-        """Runs the encoder on every image's `[CLS, tokens]` and returns `(last_hidden_state (batch, max_len, hidden),
-        attention_mask (batch, max_len))` in batch order, zero-padded. `mode` is a `token_batching` value: groups of
+    def encode(self, tokens: MSViTTokens, mode: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the encoder on every image's `[CLS, tokens]` (selected layout) and returns `(last_hidden_state (batch,
+        max_len, hidden), attention_mask (batch, max_len))`, zero-padded. `mode` is a `token_batching` value: groups of
         images padded to their longest (`"bucket"`, `"pad"`, `"per_image"`) or one packed sequence (`"pack"`)."""
-        seq_lengths = lengths + 1
-        max_len = int(seq_lengths.max())  # trf-ignore: TRF056 the token count is data-dependent by design
-        attention_mask = (torch.arange(max_len, device=tokens.device)[None, :] < seq_lengths[:, None]).long()
-        offsets = lengths.cumsum(0) - lengths
-        # one zero row at the end: where padded positions gather from
-        source = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[-1])], dim=0)
+        batch_size, max_tokens, _ = tokens.tokens.shape
+        sequence = torch.cat([tokens.cls.expand(batch_size, 1, -1), tokens.tokens], dim=1)
+        if tokens.uniform_length is not None:  # a fine-region budget: one batch, no padding, no host sync
+            mask = sequence.new_ones(batch_size, max_tokens + 1, dtype=torch.long)
+            return self._run_layers(sequence, None, None, **kwargs), mask
+        attention_mask = torch.arange(max_tokens + 1, device=sequence.device)[None, :] <= tokens.lengths[:, None]
         # CODEPATH: "pack" (measured slower on CPU, kept selectable) concatenates every image into one sequence.
         if mode == "pack":
-            return self._encode_packed(source, lengths, offsets, cls, max_len, **kwargs), attention_mask
-
-        groups = partition_by_length(lengths.tolist(), mode, self.config.bucket_overhead_tokens)  # trf-ignore: TRF056
-        output = tokens.new_zeros(lengths.shape[0], max_len, tokens.shape[-1])
+            image_ids = torch.arange(batch_size, device=sequence.device)[:, None].expand_as(attention_mask)
+            packed = self._run_layers(sequence[attention_mask][None], None, image_ids[attention_mask][None], **kwargs)
+            return sequence.new_zeros(sequence.shape).index_put((attention_mask,), packed[0]), attention_mask.long()
+        lengths = tokens.lengths.tolist()  # trf-ignore: TRF056 groups are chosen on the host
+        groups = partition_by_length(lengths, mode, self.config.bucket_overhead_tokens)
+        output = sequence.new_zeros(sequence.shape) if len(groups) > 1 else None
         for group in groups:
-            index = torch.tensor(group, device=tokens.device)
-            group_len = int(seq_lengths[index].max())  # trf-ignore: TRF056 see above
-            steps = torch.arange(group_len - 1, device=tokens.device)
-            valid = steps[None, :] < lengths[index, None]
-            gather = torch.where(valid, offsets[index, None] + steps[None, :], tokens.shape[0])
-            hidden_states = torch.cat([cls.expand(len(group), 1, -1), source[gather]], dim=1)
-            mask_2d = torch.cat([valid.new_ones(len(group), 1), valid], dim=1)
+            group_len = 1 + max(lengths[index] for index in group)
+            index = None if len(groups) == 1 else torch.tensor(group, device=sequence.device)
+            hidden_states = (sequence if index is None else sequence[index])[:, :group_len]
+            mask_2d = (attention_mask if index is None else attention_mask[index])[:, :group_len]
             hidden_states = self._run_layers(hidden_states, None if bool(mask_2d.all()) else mask_2d, None, **kwargs)
             hidden_states = hidden_states * mask_2d[..., None].to(hidden_states.dtype)
-            output = output.index_copy(0, index, F.pad(hidden_states, (0, 0, 0, max_len - group_len)))
-        return output, attention_mask
-
-    def _encode_packed(self, source, lengths, offsets, cls, max_len, **kwargs):
-        """All images in one sequence with a block-diagonal mask (each image attends only to itself)."""
-        seq_lengths = lengths + 1
-        image_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=source.device), seq_lengths)
-        starts = seq_lengths.cumsum(0) - seq_lengths
-        steps = torch.arange(image_ids.shape[0], device=source.device) - starts[image_ids]
-        gather = torch.where(steps > 0, offsets[image_ids] + steps - 1, source.shape[0] - 1)
-        packed = torch.where((steps == 0)[:, None], cls[None, :], source[gather])[None]
-        packed = self._run_layers(packed, None, image_ids[None], **kwargs)[0]
-        output = source.new_zeros(lengths.shape[0], max_len, source.shape[-1])
-        return output.index_put((image_ids, steps), packed)
+            if index is None:
+                return F.pad(hidden_states, (0, 0, 0, max_tokens + 1 - group_len)), attention_mask.long()
+            output = output.index_copy(0, index, F.pad(hidden_states, (0, 0, 0, max_tokens + 1 - group_len)))
+        return output, attention_mask.long()
 
     def _encode_all(self, tokens: MSViTTokens, **kwargs):
         """Masked-attention training: `[CLS, every coarse token, every fine token]`, attention keys weighted by the
@@ -670,7 +671,7 @@ class MSViTModel(MSViTPreTrainedModel):
             sequence_output, attention_mask = self._encode_all(tokens, **kwargs)
         else:
             mode = self._batching_mode(kwargs)
-            sequence_output, attention_mask = self.encode(tokens.tokens, tokens.lengths, tokens.cls, mode, **kwargs)
+            sequence_output, attention_mask = self.encode(tokens, mode, **kwargs)
         coarse_h, coarse_w = self.config.coarse_grid
         probs = tokens.decisions.probs
         return MSViTModelOutput(
