@@ -250,13 +250,23 @@ def test_old_checkpoint_with_scalar_logit_bias_loads(tmp_path):
     assert load_file(tmp_path / "again" / "model.safetensors")[key].shape == (1,)
 
 
+def assert_wraps_exactly_the_no_split_layers(plugin, model):
+    """Accelerate's FSDP2 wrap policy built from `plugin` picks the modules of the model's `_no_split_modules`."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    wraps = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = {name for name, module in model.named_modules() if wraps(module)}
+    expected = {name for name, module in model.named_modules() if type(module).__name__ in model._no_split_modules}
+    assert wrapped == expected and wrapped
+
+
 @pytest.mark.parametrize("config_name, kind", [("fsdp.yaml", "msvit"), ("fsdp_dit_routing.yaml", "dit_routing")])
 def test_accelerate_fsdp_config_wraps_the_no_split_layers(monkeypatch, config_name, kind):
-    """The environment `accelerate launch --config_file <config>` gives its processes selects FSDP version 2, and
-    Accelerate's wrap policy built from it picks exactly the modules of the model's `_no_split_modules` classes."""
+    """The environment `accelerate launch --config_file <config>` gives its processes selects FSDP version 2 and
+    names exactly the model's `_no_split_modules` classes."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", str(ACCELERATE_CONFIGS / config_name), "train.py"])
@@ -265,13 +275,22 @@ def test_accelerate_fsdp_config_wraps_the_no_split_layers(monkeypatch, config_na
         monkeypatch.setenv(name, value)
     assert os.environ["ACCELERATE_USE_FSDP"] == "true"
     plugin = FullyShardedDataParallelPlugin()
-    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
     model = build_model(kind)
     assert sorted(plugin.transformer_cls_names_to_wrap) == sorted(sharded_layer_classes(model))
-    wraps = fsdp2_prepare_auto_wrap_policy(plugin, model)
-    wrapped = {name for name, module in model.named_modules() if wraps(module)}
-    expected = {name for name, module in model.named_modules() if type(module).__name__ in model._no_split_modules}
-    assert wrapped == expected and wrapped
+    assert_wraps_exactly_the_no_split_layers(plugin, model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_trainer_fsdp_flag_wraps_the_no_split_layers(tmp_path, kind):
+    """`--fsdp` alone: Trainer asks Accelerate for FSDP2 with transformer-based wrapping of `_no_split_modules`."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser(TrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fsdp", "--use_cpu", "True"])
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    assert plugin.transformer_cls_names_to_wrap is None  # falls back to the model's `_no_split_modules`
+    assert_wraps_exactly_the_no_split_layers(plugin, build_model(kind))
 
 
 def test_helpers_say_what_is_missing():
