@@ -24,6 +24,12 @@ IMAGE_SIZE = {"msvit": 32, "dit_routing": 64}
 NUM_LABELS = 5
 
 
+# Larger random weights than the default 0.02 put the gate logits far from their decision thresholds (at 0.02 a tiny
+# MSViT gate's logits lie within 1e-4 of 0), so that rounding differences between one and two processes cannot flip a
+# decision.
+INITIALIZER_RANGE = 0.2
+
+
 def build_model(kind: str, seed: int = 0):
     """A tiny MSViT (GBaS gathered across processes) or DiT (dynamic routing), in training mode."""
     torch.manual_seed(seed)
@@ -42,6 +48,7 @@ def build_model(kind: str, seed: int = 0):
             # One encoder group in training (each layer called once per forward); evaluation switches to "bucket".
             token_batching="pad",
             bucket_overhead_tokens=0,  # one bucket per distinct length in evaluation
+            initializer_range=INITIALIZER_RANGE,
         )
         return MSViTForImageClassification(config).train()
     config = DiTConfig(
@@ -57,6 +64,7 @@ def build_model(kind: str, seed: int = 0):
         # The budget loss is a per-process batch mean (a square of a mean): under data parallelism it is not the
         # loss of the global batch, so the equivalence with one process is shown on the task loss.
         budget_loss_weight=0.0,
+        initializer_range=INITIALIZER_RANGE,
     )
     return DiTForImageClassification(config).train()
 
