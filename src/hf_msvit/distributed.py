@@ -89,6 +89,7 @@ def full_parameters(model: nn.Module, reshard_after_forward: bool = True):
     not sharded runs unchanged (under `torch.no_grad()`).
     """
     modules = fsdp_modules(model)
+    root = model if isinstance(model, FSDPModule) else None
     for module in modules:
         module.set_reshard_after_forward(False, recurse=False)
     try:
@@ -99,10 +100,11 @@ def full_parameters(model: nn.Module, reshard_after_forward: bool = True):
     finally:
         for module in modules:
             module.reshard()
-            module.set_reshard_after_forward(reshard_after_forward and module is not modules[0], recurse=False)
-        if modules and hasattr(modules[0], "reset_iter_state"):  # torch >= 2.12
-            # forget the forward order these passes recorded: the next backward prefetches by the training forward's
-            modules[0].reset_iter_state()
+            module.set_reshard_after_forward(reshard_after_forward and module is not root, recurse=False)
+        if root is not None and hasattr(root, "reset_iter_state"):  # in recent torch releases
+            # Forget the module order these passes recorded: FSDP2 prefetches the next backward's all-gathers by the
+            # order of the last forwards, which must be the training forward's.
+            root.reset_iter_state()
 
 
 def save_full_pretrained(model: nn.Module, save_directory: str | os.PathLike, **save_pretrained_kwargs) -> None:
