@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import ConversionOps, PreTrainedModel, WeightConverter
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTPooler
@@ -146,6 +147,34 @@ class MSViTPatchEmbeddings(nn.Module):
         return num_patches * self.projection.weight[0].numel() * self.projection.out_channels
 
 
+class OneElementLogitBias(ConversionOps):
+    """Loads the gate's `logit_bias` as a 1-element tensor: checkpoints written before FSDP2 support (which cannot shard
+    0-dim parameters) stored it as a scalar. Its own reverse: new checkpoints keep the 1-element shape."""
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        tensors = next(iter(input_dict.values()))
+        tensor = tensors[0] if isinstance(tensors, list) else tensors
+        return {target_patterns[0]: tensor.reshape(1)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return self
+
+
+def _load_scalar_logit_bias(module, state_dict, prefix, *args):
+    """`load_state_dict` counterpart of `OneElementLogitBias` (e.g. Trainer's resume from checkpoint)."""
+    key = prefix + "logit_bias"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
+register_checkpoint_conversion_mapping(
+    "msvit",
+    [WeightConverter("embeddings.gate.logit_bias", "embeddings.gate.logit_bias", [OneElementLogitBias()])],
+    overwrite=True,
+)
+
+
 @dataclass
 class GateDecisions:  # trf-ignore: TRF031 an internal hand-off between modules, not a model output
     """Which regions are tokenized fine, and what the gate said.
@@ -216,8 +245,10 @@ class MSViTGate(nn.Module):
         sizes = [in_features] + [config.gate_hidden_size] * (config.gate_num_layers - 1) + [1]
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=b > 1) for a, b in zip(sizes[:-1], sizes[1:]))
         # The output bias is the gate's own parameter (initialized to logit(gbas_target_ratio)) rather than the last
-        # Linear's, so that the generic Linear initialization cannot reset it.
-        self.logit_bias = nn.Parameter(torch.zeros(()))
+        # Linear's, so that the generic Linear initialization cannot reset it. One element, not a scalar: FSDP2 shards
+        # no 0-dim parameter (scalars in older checkpoints are reshaped on load).
+        self.logit_bias = nn.Parameter(torch.zeros(1))
+        self.register_load_state_dict_pre_hook(_load_scalar_logit_bias)
         self.activation = nn.GELU()
 
     def forward(self, region_features: torch.Tensor) -> torch.Tensor:
