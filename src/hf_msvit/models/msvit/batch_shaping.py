@@ -23,7 +23,9 @@ and temperature are learned, and ties the means together with a Gaussian hyperpr
 batch-shaping over the K means). The temperatures are fixed, or learned with an optional L1 penalty that favours
 peaky, nearly binary priors (as in the authors' GBaS notebook):
 
-    L_GBaS = sum_k L_BaS(x[:, k]; RB(mu_k, tau_k)) + L_BaS(mu; N(target, std)) [+ lambda * mean_k |tau_k|]
+    L_GBaS = K * ( 1/K sum_k L_BaS(x[:, k]; RB(mu_k, tau_k)) + L_BaS(mu; N(target, std)) [+ lambda * mean_k |tau_k|] )
+
+(the factor K makes the pull on each region's gate independent of the number of regions K).
 """
 
 import math
@@ -120,17 +122,17 @@ class GeneralizedBatchShaping(nn.Module):
             )
         gate_values = gate_values.float()
         means, temperatures = self.prior_means, self.prior_temperatures
-        # Summed over positions (the paper's formula; `batch_shaping_loss` averages): the pull on each region's gate
-        # then does not shrink with the number of regions, as the task loss's does not.
-        num_positions = gate_values.shape[1]
-        prior_term = num_positions * batch_shaping_loss(gate_values, lambda v: relaxed_bernoulli_cdf(v, means, temperatures))
+        prior_term = batch_shaping_loss(gate_values, lambda v: relaxed_bernoulli_cdf(v, means, temperatures))
         hyperprior_term = batch_shaping_loss(
             means[:, None], lambda v: normal_cdf(v, self.target_ratio, self.hyperprior_std)
         )
         loss = prior_term + hyperprior_term
         if self.prior_temperature_logits is not None:
             loss = loss + self.temperature_l1_weight * temperatures.abs().mean()
-        return loss
+        # Times the number of positions (the paper sums the prior term over positions; the notebook averages): the pull
+        # on each region's gate then does not shrink with the number of regions, as the task loss's does not, and the
+        # prior and hyperprior terms keep the notebook's balance.
+        return gate_values.shape[1] * loss
 
 
 def gather_across_processes(values: torch.Tensor) -> torch.Tensor:
@@ -143,9 +145,15 @@ def gather_across_processes(values: torch.Tensor) -> torch.Tensor:
         return values
     if torch.distributed.get_world_size() == 1:
         return values
-    from torch.distributed.nn.functional import all_gather
+    try:  # functional collectives (autograd: the backward reduce-scatters the gradients); torch.distributed.nn's
+        # `all_gather` is deprecated in recent torch releases
+        from torch.distributed._functional_collectives import all_gather_single
 
-    return torch.cat(all_gather(values), dim=0)
+        return all_gather_single(values.contiguous(), 0, torch.distributed.group.WORLD)
+    except ImportError:  # older torch
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(values), dim=0)
 
 
 __all__ = ["GeneralizedBatchShaping", "batch_shaping_loss", "gather_across_processes", "normal_cdf", "relaxed_bernoulli_cdf"]
