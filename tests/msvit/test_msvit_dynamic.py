@@ -445,3 +445,27 @@ def test_fine_grid_features_restore_the_mixed_tokens():
     row, col = divmod(region, 4)
     cell = grid_selected[image, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2].flatten(1)
     assert torch.equal(cell, cell[:, :1].expand(-1, 4))  # a coarse token covers its 2x2 fine patches
+
+
+@pytest.mark.parametrize("target", [0.25, 0.5])
+def test_gate_level_calibration_holds_the_target_fraction(target):
+    """Training keeps a running (1 - target) quantile of the gate logits (training decisions unchanged); inference
+    subtracts it: whatever the raw level (here pushed far down, where an uncalibrated gate tokenizes nothing fine),
+    the target fraction of regions of the data seen in training scores p >= 0.5."""
+    model = mixed_model(gbas_target_ratio=target)
+    with torch.no_grad():
+        model.msvit.embeddings.gate.logit_bias.fill_(-20.0)
+    x = images(8)
+    model.train()
+    with torch.no_grad():
+        for _ in range(30):
+            train = model(x)
+    assert not train.fine_region_mask.any()  # training decisions follow the raw logits
+    model.eval()
+    with torch.no_grad():
+        evaluation = model(x)
+    assert float(evaluation.fine_region_mask.float().mean()) == pytest.approx(target, abs=0.02)
+    uncalibrated = mixed_model(gbas_target_ratio=target, gate_level_calibration=False)
+    uncalibrated.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not uncalibrated.eval()(x).fine_region_mask.any()

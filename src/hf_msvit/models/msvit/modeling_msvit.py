@@ -250,6 +250,13 @@ class MSViTGate(nn.Module):
         self.logit_bias = nn.Parameter(torch.zeros(1))
         self.register_load_state_dict_pre_hook(_load_scalar_logit_bias)
         self.activation = nn.GELU()
+        # Level calibration: the running (1 - target) quantile of the logits, subtracted so that the target fraction of
+        # regions scores above 0 (p >= 0.5). Updated in training, used at inference (as BatchNorm's running stats).
+        self.logit_offset = nn.Buffer(torch.zeros(1))
+        self.calibration_steps = nn.Buffer(torch.zeros(1))
+        self.calibration = config.gate_level_calibration
+        self.calibration_momentum = config.gate_calibration_momentum
+        self.target_ratio = config.gbas_target_ratio
 
     def forward(self, region_features: torch.Tensor) -> torch.Tensor:
         """`(batch, num_regions, in_features)` -> logits `(batch, num_regions)`."""
@@ -259,6 +266,23 @@ class MSViTGate(nn.Module):
                 hidden = self.activation(hidden)
             hidden = layer(hidden)
         return hidden.squeeze(-1) + self.logit_bias
+
+    def calibrate(self, logits: torch.Tensor, batch_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Level calibration, as BatchNorm's running statistics: training leaves the logits as they are and folds the
+        batch's `(1 - target)` quantile (of `batch_logits`, e.g. gathered from every process) into a running offset;
+        inference subtracts it, so a fraction `gbas_target_ratio` of regions from the training distribution scores
+        `p >= 0.5`. Without calibration the logits are returned as they are."""
+        if not self.calibration:
+            return logits
+        if not self.training:
+            return logits - self.logit_offset.to(logits.dtype)
+        values = (logits if batch_logits is None else batch_logits).detach().float().flatten()
+        with torch.no_grad():
+            quantile = torch.quantile(values, 1.0 - self.target_ratio).reshape(1)
+            weight = torch.where(self.calibration_steps > 0, 1.0 - self.calibration_momentum, 1.0)
+            self.logit_offset.lerp_(quantile, weight)
+            self.calibration_steps.add_(1)
+        return logits
 
     def macs(self, num_regions):
         """MACs of scoring `num_regions` regions."""
@@ -300,6 +324,11 @@ class MSViTEmbeddings(nn.Module):
         else:
             gate_inputs = coarse_embeddings
         logits = self.gate(gate_inputs)
+        batch_logits = None
+        # CODEPATH: multi-process training computes the level on the global batch (off by default).
+        if self.training and config.gbas_gather_across_processes:
+            batch_logits = gather_across_processes(logits.detach())
+        logits = self.gate.calibrate(logits, batch_logits)
         probs = torch.sigmoid(logits)
         if self.training:
             soft, values = sample_gate(logits, config.gumbel_temperature, threshold)
@@ -521,6 +550,8 @@ class MSViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MSViTGate):
             # Every region starts at p(fine) = target; GBaS and the task then make the decisions input-dependent.
             init.constant_(module.logit_bias, target_logit)
+            init.zeros_(module.logit_offset)
+            init.zeros_(module.calibration_steps)
         elif isinstance(module, GeneralizedBatchShaping):
             init.constant_(module.prior_mean_logits, target_logit)
             if module.prior_temperature_logits is not None:
