@@ -80,6 +80,7 @@ from hf_msvit import (
     hub,
 )
 from hf_msvit import data as builtin_data
+from hf_msvit.models.dit_routing.configuration_dit_routing import PER_SCALE_FIELDS
 from hf_msvit.training import (
     DynamicComputeTrainer,
     ImageTransform,
@@ -412,7 +413,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     names = (
         list(feature.names)
         if hasattr(feature, "names")
-        else sorted({str(v) for v in dataset["train"][data_args.label_column_name]})
+        else [str(v) for v in sorted(set(dataset["train"][data_args.label_column_name]))]
     )
     id2label = dict(enumerate(names))
     builtin = data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is None
@@ -444,14 +445,17 @@ class StartingPoint:
     fresh: bool = False  # built from scratch, no --model_name_or_path
 
 
-def recipe_value(model_args: ModelArguments, start: StartingPoint, name: str) -> float:
-    """`--<name>` if given, else the model type's fresh-run default, else the checkpoint default."""
-    given = getattr(model_args, name)
-    if given is not None:
-        return given
-    if start.fresh:
-        return getattr(FRESH_MODEL_DEFAULTS[start.model_type], name)
-    return CHECKPOINT_GATE_LEARNING_RATE
+def gate_learning_rate(model_args: ModelArguments, start: StartingPoint) -> float:
+    """`--gate_learning_rate` if given, else the fresh-run default of the model type, else the checkpoint default."""
+    if model_args.gate_learning_rate is not None:
+        return model_args.gate_learning_rate
+    return FRESH_MODEL_DEFAULTS[start.model_type].gate_learning_rate if start.fresh else CHECKPOINT_GATE_LEARNING_RATE
+
+
+def backbone_learning_rate(model_args: ModelArguments, model_type: str) -> float:
+    if model_args.backbone_learning_rate is not None:
+        return model_args.backbone_learning_rate
+    return FRESH_MODEL_DEFAULTS[model_type].backbone_learning_rate
 
 
 def config_overrides(model_args: ModelArguments, model_type: str, fresh: bool) -> dict:
@@ -485,16 +489,7 @@ def fresh_backbone(model_args: ModelArguments, image_size: int, data: Data):
         config = transformers.ViTConfig(**{name: getattr(model_args, name) for name in vit_fields}, **common)
     elif model_args.pvt_variant:
         shape = DiTConfig.from_variant(model_args.pvt_variant)
-        pvt_fields = (
-            "hidden_sizes",
-            "depths",
-            "num_attention_heads",
-            "mlp_ratios",
-            "sr_ratios",
-            "patch_sizes",
-            "strides",
-        )
-        config = transformers.PvtV2Config(**{name: getattr(shape, name) for name in pvt_fields}, **common)
+        config = transformers.PvtV2Config(**{name: getattr(shape, name) for name in PER_SCALE_FIELDS}, **common)
     else:
         config = transformers.PvtV2Config(
             hidden_sizes=[32, 64, 96, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4], **common
@@ -636,8 +631,10 @@ def phase_length(epochs: float, max_steps: int) -> dict:
 
 def train_backbone(start: StartingPoint, context: RunContext, model_args: ModelArguments) -> dict:
     """Phase 0: the static backbone from scratch. Returns its eval metrics (`backbone_eval_*`), if evaluated."""
-    lr = model_args.backbone_learning_rate or FRESH_MODEL_DEFAULTS[start.model_type].backbone_learning_rate
-    overrides = {**phase_length(model_args.backbone_epochs, model_args.backbone_max_steps), "learning_rate": lr}
+    overrides = {
+        **phase_length(model_args.backbone_epochs, model_args.backbone_max_steps),
+        "learning_rate": backbone_learning_rate(model_args, start.model_type),
+    }
     run_phase("backbone", start.backbone, context, overrides)
     if not (context.training_args.do_eval and "validation" in context.splits):
         return {}
@@ -671,7 +668,7 @@ def train(start: StartingPoint, context: RunContext, model_args: ModelArguments)
         return None, summary
     model = start.model if start.model is not None else upcycle(start, model_args)
     start.backbone = None
-    gate_lr = recipe_value(model_args, start, "gate_learning_rate")
+    gate_lr = gate_learning_rate(model_args, start)
     summary.gate_learning_rate = gate_lr
     if model_args.gate_only_epochs > 0 or model_args.gate_only_max_steps > 0:
         summary.phases["gate"] = train_gates(model, context, model_args, gate_lr)
