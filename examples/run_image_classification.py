@@ -639,7 +639,9 @@ def train_backbone(start: StartingPoint, context: RunContext, model_args: ModelA
     if not (context.training_args.do_eval and "validation" in context.splits):
         return {}
     args = context.args(output_dir=os.path.join(context.training_args.output_dir, "phase-backbone"))
-    return context.trainer(start.backbone, args).evaluate(metric_key_prefix="backbone_eval")
+    metrics = context.trainer(start.backbone, args).evaluate(metric_key_prefix="backbone_eval")
+    metrics.pop("epoch", None)  # an evaluation-only Trainer: its epoch would read 0
+    return metrics
 
 
 def train_gates(model, context: RunContext, model_args: ModelArguments, gate_lr: float) -> dict:
@@ -705,7 +707,7 @@ def evaluate_and_save_metrics(model, context: RunContext, summary: TrainSummary)
     eval_metrics = {}
     if args.do_eval and "validation" in context.splits:
         eval_metrics = trainer.evaluate()
-        eval_metrics.pop("epoch", None)  # this evaluation-only Trainer has not trained: its epoch would read 0
+        eval_metrics.pop("epoch", None)  # an evaluation-only Trainer: its epoch would read 0
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     return eval_metrics
