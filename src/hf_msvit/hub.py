@@ -16,11 +16,11 @@
     from hf_msvit.hub import push_to_hub
     url = push_to_hub(model, "me/msvit-digits", image_processor=processor, eval_metrics=trainer.evaluate())
 
-What is uploaded (one commit): `model.safetensors`, `config.json` (its `auto_map` names AutoConfig, AutoModel and
-AutoModelForImageClassification), the remote-code files (`configuration_*.py`, `modeling_*.py`, their siblings,
-`image_processing_*.py`), `preprocessor_config.json`, and `README.md`: a model card rendered with
-`huggingface_hub.ModelCard.from_template` from the Jinja templates in `hf_msvit/model_cards/` (`model_cards/` at the
-repository root), with YAML metadata and, when the data is a Hub dataset, a `model-index`.
+What is uploaded (one commit): `model.safetensors`, `config.json` (its `auto_map` names AutoConfig, AutoModel,
+AutoModelForImageClassification, and AutoBackbone for DiT), the remote-code files (`configuration_*.py`,
+`modeling_*.py`, their siblings, `image_processing_*.py`), `preprocessor_config.json`, and `README.md`: a model card
+rendered with `huggingface_hub.ModelCard.from_template` from the Jinja templates in `hf_msvit/model_cards/`
+(`model_cards/` at the repository root), with YAML metadata and, when the data is a Hub dataset, a `model-index`.
 
 `save_for_hub` writes the same folder locally without uploading.
 """
