@@ -16,7 +16,8 @@
 
 In the style of transformers' `examples/pytorch/image-classification/run_image_classification.py`: every
 `TrainingArguments` flag works (`--per_device_train_batch_size`, `--gradient_accumulation_steps`, `--bf16`,
-`--resume_from_checkpoint`, `--push_to_hub`, ...). No torchvision needed.
+`--resume_from_checkpoint`, `--push_to_hub`, ...), and the final metrics go to `train_results.json`,
+`eval_results.json` and `all_results.json` in `--output_dir`. No torchvision needed.
 
 The run is a sequence of phases, each one `Trainer` run with its own folder under `--output_dir`:
 
@@ -24,8 +25,12 @@ The run is a sequence of phases, each one `Trainer` run with its own folder unde
    scratch for `--backbone_epochs`. It stands in for the pretrained checkpoint you would normally start from.
 2. Upcycling: `MSViTForImageClassification.from_vit_pretrained` / `DiTForImageClassification.from_pvt_v2_pretrained`
    reuses every backbone weight; only the gates (and GBaS priors) are new.
-3. `phase-gate`: `--gate_only_epochs` with the backbone and head frozen, only the gates learn (lr `--gate_learning_rate`).
-4. `phase-joint`: `--num_train_epochs` of joint fine-tuning of everything (lr `--learning_rate`).
+3. `phase-gate`: `--gate_only_epochs` with the backbone and head frozen, only the gates learn (`--gate_learning_rate`).
+4. `phase-joint`: `--num_train_epochs` of joint fine-tuning of everything: `--learning_rate` for the backbone and
+   head, `--gate_learning_rate` for the gates.
+
+Defaults that depend on the model type when training from scratch (backbone and gate learning rates, gate settings)
+live in one place, `FRESH_MODEL_DEFAULTS`; command-line values always win.
 
 The final model, its image processor and a model card go to `--output_dir` (loadable with the Auto classes after
 `import hf_msvit`, or with `trust_remote_code=True` without it). With no dataset arguments the script trains on the
@@ -33,7 +38,7 @@ built-in digits-on-canvas dataset (`hf_msvit.data`), which needs no download.
 
 Examples:
 
-    python examples/run_image_classification.py                       # built-in data, from scratch, ~3 min on CPU
+    python examples/run_image_classification.py                       # built-in data, from scratch, a few min on CPU
     python examples/run_image_classification.py --model_name_or_path google/vit-base-patch16-224-in21k \\
         --dataset_name beans --output_dir outputs/msvit-beans --gbas_target_ratio 0.5 --gate_only_epochs 1 \\
         --num_train_epochs 3 --learning_rate 2e-5 --per_device_train_batch_size 32
@@ -53,7 +58,9 @@ import time
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 import transformers
+from accelerate import PartialState
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -64,15 +71,22 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from hf_msvit import (
+    DiTConfig,
+    DiTForImageClassification,
+    DiTImageProcessor,
+    MSViTForImageClassification,
+    MSViTImageProcessor,
+    hub,
+)
 from hf_msvit import data as builtin_data
+from hf_msvit.models.dit_routing.configuration_dit_routing import PER_SCALE_FIELDS
 from hf_msvit.training import (
     DynamicComputeTrainer,
     ImageTransform,
     collate_fn,
     freeze_all_but_gates,
-    get_model_classes,
     make_compute_metrics,
-    prepare_for_remote_code,
     ratio_metric_name,
     static_macs,
     unfreeze_all,
@@ -82,6 +96,69 @@ from hf_msvit.training import (
 logger = logging.getLogger(__name__)
 
 DONE_MARKER = "phase_complete.json"
+PHASES = ("backbone", "gate", "joint")
+
+
+@dataclass(frozen=True)
+class RecipeDefaults:
+    """Defaults of a model trained from scratch (no `--model_name_or_path`) for one model type."""
+
+    backbone_learning_rate: float  # phase 0, the static backbone from scratch
+    gate_learning_rate: float  # the gates, in the gate-only and the joint phase
+    config: dict = field(default_factory=dict)  # config fields of the upcycled dynamic model
+
+
+# The one place for per-model-type defaults of a fresh run (command-line values win).
+FRESH_MODEL_DEFAULTS = {
+    # ViT/16 from scratch learns at 2e-3. A small gate for a small backbone (the config's 256-wide gate would cost as
+    # much as this encoder), a target the built-in data can reach, and a strong GBaS with a tight hyperprior: with
+    # the config defaults the gate of a short run drifts to all-coarse.
+    "msvit": RecipeDefaults(
+        backbone_learning_rate=2e-3,
+        gate_learning_rate=1e-2,
+        config={
+            "gate_hidden_size": 64,
+            "gbas_target_ratio": 0.3,
+            "gbas_loss_weight": 5.0,
+            "gbas_hyperprior_std": 0.05,
+        },
+    ),
+    # PVTv2 from scratch stays at chance at 2e-3 on the built-in data (the loss stays at ln 10); 3e-4 learns.
+    "dit_routing": RecipeDefaults(backbone_learning_rate=3e-4, gate_learning_rate=1e-2),
+}
+# Gates of a model upcycled from (or continuing) a pretrained checkpoint start from a trained backbone: a gentler lr.
+CHECKPOINT_GATE_LEARNING_RATE = 1e-3
+
+UPCYCLERS = {
+    "vit": MSViTForImageClassification.from_vit_pretrained,
+    "pvt_v2": DiTForImageClassification.from_pvt_v2_pretrained,
+}
+DYNAMIC_MODEL_TYPES = {"vit": "msvit", "pvt_v2": "dit_routing"}
+IMAGE_PROCESSORS = {"msvit": MSViTImageProcessor, "dit_routing": DiTImageProcessor}
+MSVIT_CONFIG_ARGUMENTS = (
+    "gbas_target_ratio", "gbas_loss_weight", "gbas_hyperprior_std", "gbas_gather_across_processes", "gate_threshold",
+    "coarse_patch_size", "gate_input", "gate_hidden_size", "gate_num_layers",
+)  # fmt: skip
+DIT_CONFIG_ARGUMENTS = ("budget_target", "budget_loss_weight")
+
+# TrainingArguments defaults of this script (the built-in quick run); every one can be changed on the command line.
+SCRIPT_TRAINING_DEFAULTS = {
+    "output_dir": "outputs/msvit-digits",
+    "do_train": True,
+    "do_eval": True,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "save_total_limit": 2,  # per phase
+    "logging_steps": 10,
+    "learning_rate": 5e-4,  # joint phase, backbone and head
+    "weight_decay": 0.05,
+    "num_train_epochs": 10.0,  # joint phase
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 128,
+    "remove_unused_columns": False,  # the transform needs the image column
+    "seed": 42,
+    "report_to": "none",
+}
 
 
 @dataclass
@@ -90,8 +167,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Checkpoint to start from (local dir or Hub id): a ViT (upcycled to MSViT), a PVTv2 (upcycled to "
-            "DiT), or an MSViT/DiT checkpoint to fine-tune further. Without it, a small backbone is trained from scratch "
-            "first (see --backbone_epochs)."
+            "DiT), or an MSViT/DiT checkpoint to fine-tune further. Without it, a small backbone is trained from "
+            "scratch first (see --backbone_epochs)."
         },
     )
     model_type: str = field(
@@ -114,12 +191,9 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Re-initialize a classifier whose size does not match the number of labels."}
     )
-    # MSViT gate settings
+    # MSViT gate settings (None: the config's, or FRESH_MODEL_DEFAULTS for a fresh model)
     gbas_target_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "MSViT: target fraction of coarse regions tokenized fine (GBaS hyperprior mean). Default: the config's (0.5), 0.3 for fresh models."
-        },
+        default=None, metadata={"help": "MSViT: target fraction of coarse regions tokenized fine (GBaS prior mean)."}
     )
     gbas_loss_weight: float | None = field(
         default=None, metadata={"help": "MSViT: weight of the GBaS loss in `loss`."}
@@ -128,20 +202,16 @@ class ModelArguments:
         default=None,
         metadata={"help": "MSViT: spread allowed around gbas_target_ratio for the per-position learned priors."},
     )
-    gbas_gather_across_processes: bool = field(
-        default=False,
-        metadata={
-            "help": "MSViT: gather gate values of all processes before the GBaS loss (batch statistics of the global batch)."
-        },
+    gbas_gather_across_processes: bool | None = field(
+        default=None,
+        metadata={"help": "MSViT: gather the gate values of all processes before the GBaS loss (global-batch stats)."},
     )
     gate_threshold: float | None = field(
         default=None, metadata={"help": "MSViT: inference threshold on the gate probability."}
     )
     coarse_patch_size: int | None = field(default=None, metadata={"help": "MSViT: side of a coarse region in pixels."})
     gate_input: str | None = field(default=None, metadata={"help": "MSViT: `pixels` or `embeddings`."})
-    gate_hidden_size: int | None = field(
-        default=None, metadata={"help": "MSViT: width of the gate MLP (fresh models: 64)."}
-    )
+    gate_hidden_size: int | None = field(default=None, metadata={"help": "MSViT: width of the gate MLP."})
     gate_num_layers: int | None = field(default=None, metadata={"help": "MSViT: layers of the gate MLP."})
     # DiT routing settings
     budget_target: float | None = field(
@@ -161,11 +231,31 @@ class ModelArguments:
     num_hidden_layers: int = field(default=3, metadata={"help": "Fresh ViT: depth."})
     num_attention_heads: int = field(default=3, metadata={"help": "Fresh ViT: attention heads."})
     intermediate_size: int = field(default=192, metadata={"help": "Fresh ViT: MLP width."})
+    pvt_variant: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fresh DiT: PVTv2 shape of the backbone, 'b0'..'b5' (default: a smaller one, hidden sizes "
+            "32/64/96/128 and one block per stage, for quick runs)."
+        },
+    )
     backbone_epochs: float = field(
         default=8.0, metadata={"help": "Epochs of static backbone training before upcycling (fresh models only)."}
     )
-    backbone_learning_rate: float = field(
-        default=2e-3, metadata={"help": "Learning rate of the static backbone phase."}
+    backbone_max_steps: int = field(
+        default=-1, metadata={"help": "If > 0: steps of the backbone phase (overrides --backbone_epochs)."}
+    )
+    backbone_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the static backbone phase (default per model type: FRESH_MODEL_DEFAULTS)."
+        },
+    )
+    backbone_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Fresh models: stop after the static backbone phase (the trained ViT / PVTv2 is in "
+            "<output_dir>/phase-backbone/final), e.g. to train the static baselines of a comparison the same way."
+        },
     )
     # Recipe
     gate_only_epochs: float = field(
@@ -178,24 +268,9 @@ class ModelArguments:
     gate_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Learning rate of the gate-only phase (default: 1e-2 for fresh models, 1e-3 when upcycling a checkpoint)."
-        },
-    )
-    backbone_max_steps: int = field(
-        default=-1, metadata={"help": "If > 0: steps of the backbone phase (overrides --backbone_epochs)."}
-    )
-    backbone_only: bool = field(
-        default=False,
-        metadata={
-            "help": "Fresh models: stop after the static backbone phase (the trained ViT / PVTv2 is in "
-            "<output_dir>/phase-backbone/final), e.g. to train the static baselines of a comparison the same way."
-        },
-    )
-    pvt_variant: str | None = field(
-        default=None,
-        metadata={
-            "help": "Fresh DiT: PVTv2 shape of the backbone, 'b0'..'b5' (default: a smaller one, hidden sizes "
-            "32/64/96/128 and one block per stage, for quick runs)."
+            "help": "Learning rate of the gate parameters, in the gate-only phase and in the joint phase (where the "
+            "rest trains at --learning_rate). Default: FRESH_MODEL_DEFAULTS for fresh models (1e-2), 1e-3 when "
+            "starting from a checkpoint."
         },
     )
 
@@ -230,275 +305,45 @@ class DataTrainingArguments:
     digit_copies: int = field(default=2, metadata={"help": "Built-in dataset: renderings of each handwritten digit."})
 
 
-@dataclass
-class ScriptTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with defaults for the built-in quick run (every one can be changed on the command line)."""
-
-    output_dir: str | None = field(
-        default="outputs/msvit-digits", metadata={"help": "Where checkpoints and the final model go."}
-    )
-    do_train: bool = field(default=True, metadata={"help": "Run training."})
-    do_eval: bool = field(default=True, metadata={"help": "Evaluate on the validation split."})
-    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate during training."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to save checkpoints."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept per phase."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X steps."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of the joint fine-tuning phase."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
-    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs of joint fine-tuning."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device for training."})
-    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Batch size per device for evaluation."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Must stay False: the transform needs the image column."}
-    )
-    seed: int = field(default=42, metadata={"help": "Random seed."})
-    report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+def has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
-# ------------------------------------------------------------------------------------------------------------------
+def launch_defaults() -> dict:
+    """Several processes (torchrun, accelerate launch) on a machine without GPU: train on CPU in one gloo group.
 
-
-def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
-    """Returns `(DatasetDict with train/validation, dataset name for the card or None)`."""
-    if data_args.dataset_name is not None:
-        dataset = datasets.load_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            cache_dir=model_args.cache_dir,
-            token=model_args.token,
-        )
-        name = data_args.dataset_name
-    elif data_args.train_dir is not None or data_args.validation_dir is not None:
-        data_files = {}
-        if data_args.train_dir is not None:
-            data_files["train"] = os.path.join(data_args.train_dir, "**")
-        if data_args.validation_dir is not None:
-            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
-        dataset = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
-        name = None
-    else:
-        dataset = builtin_data.load_digits_on_canvas(canvas_size=data_args.canvas_size, copies=data_args.digit_copies)
-        name = builtin_data.DATASET_NAME
-
-    if "validation" not in dataset and "test" in dataset:
-        dataset["validation"] = dataset.pop("test")
-    if "validation" not in dataset and data_args.train_val_split:
-        split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
-        dataset["train"], dataset["validation"] = split["train"], split["test"]
-
-    for split_name in dataset:
-        columns = dataset[split_name].column_names
-        for column, flag in (
-            (data_args.image_column_name, "--image_column_name"),
-            (data_args.label_column_name, "--label_column_name"),
-        ):
-            if column not in columns:
-                raise ValueError(f"Column {column!r} not found in split {split_name!r} ({columns}); set {flag}.")
-    if data_args.max_train_samples is not None and "train" in dataset:
-        dataset["train"] = dataset["train"].select(range(min(data_args.max_train_samples, len(dataset["train"]))))
-    if data_args.max_eval_samples is not None and "validation" in dataset:
-        dataset["validation"] = dataset["validation"].select(
-            range(min(data_args.max_eval_samples, len(dataset["validation"])))
-        )
-    return dataset, name
-
-
-def label_maps(dataset, label_column: str):
-    feature = dataset["train"].features[label_column]
-    if hasattr(feature, "names"):
-        names = list(feature.names)
-    else:
-        names = [str(v) for v in sorted(set(dataset["train"][label_column]))]
-    id2label = {i: name for i, name in enumerate(names)}
-    return id2label, {name: i for i, name in id2label.items()}
-
-
-def gate_overrides(model_args: ModelArguments, model_type: str) -> dict:
-    """Config fields set from the command line (only those given)."""
-    if model_type == "msvit":
-        names = (
-            "gbas_target_ratio",
-            "gbas_loss_weight",
-            "gbas_hyperprior_std",
-            "gate_threshold",
-            "coarse_patch_size",
-            "gate_input",
-            "gate_hidden_size",
-            "gate_num_layers",
-        )
-        values = {name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None}
-        values["gbas_gather_across_processes"] = model_args.gbas_gather_across_processes
-        return values
-    names = ("budget_target", "budget_loss_weight")
-    return {name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None}
-
-
-def dynamic_image_processor(model_type: str, source=None, size: int | None = None):
-    """Our image processor for `model_type`, copying size/mean/std/resample from `source` (e.g. the ViT's)."""
-    processor_class = get_model_classes(model_type)["image_processor"]
-    kwargs = {}
-    if source is not None:
-        for key in ("size", "image_mean", "image_std", "resample", "rescale_factor"):
-            if getattr(source, key, None) is not None:
-                kwargs[key] = getattr(source, key)
-    if size is not None:
-        kwargs["size"] = {"height": size, "width": size}
-    return processor_class(**kwargs)
-
-
-def fresh_backbone(model_args: ModelArguments, image_size: int, id2label, label2id):
-    """A small randomly initialized static backbone: ViT for MSViT, PVTv2 for DiT."""
-    common = dict(num_labels=len(id2label), id2label=id2label, label2id=label2id, image_size=image_size)
-    if model_args.model_type == "msvit":
-        config = transformers.ViTConfig(
-            patch_size=model_args.patch_size,
-            hidden_size=model_args.hidden_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            num_attention_heads=model_args.num_attention_heads,
-            intermediate_size=model_args.intermediate_size,
-            **common,
-        )
-        return transformers.ViTForImageClassification(config)
-    if model_args.pvt_variant:
-        shape = get_model_classes("dit_routing")["config"].from_variant(model_args.pvt_variant)
-        fields = ("hidden_sizes", "depths", "num_attention_heads", "mlp_ratios", "sr_ratios", "patch_sizes", "strides")
-        config = transformers.PvtV2Config(**{name: getattr(shape, name) for name in fields}, **common)
-    else:
-        config = transformers.PvtV2Config(
-            hidden_sizes=[32, 64, 96, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4], **common
-        )
-    return transformers.PvtV2ForImageClassification(config)
-
-
-def upcycle(backbone, model_type: str, overrides: dict):
-    classes = get_model_classes(model_type)
-    if model_type == "msvit":
-        if "coarse_patch_size" not in overrides:
-            patch = backbone.config.patch_size
-            overrides = {
-                **overrides,
-                "coarse_patch_size": 2 * (patch[0] if isinstance(patch, (list, tuple)) else patch),
-            }
-        return classes["classification"].from_vit_pretrained(backbone, **overrides)
-    return classes["classification"].from_pvt_v2_pretrained(backbone, **overrides)
-
-
-def load_start_model(model_args: ModelArguments, id2label, label2id):
-    """`(model or None, backbone or None, image processor or None, model_type)` for `--model_name_or_path`."""
-    path = model_args.model_name_or_path
-    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
-    config = AutoConfig.from_pretrained(
-        model_args.config_name or path, trust_remote_code=model_args.trust_remote_code, **hub_kwargs
-    )
-    label_kwargs = dict(num_labels=len(id2label), id2label=id2label, label2id=label2id)
-    try:
-        source_processor = AutoImageProcessor.from_pretrained(
-            model_args.image_processor_name or path, trust_remote_code=model_args.trust_remote_code, **hub_kwargs
-        )
-    except (OSError, ValueError):
-        source_processor = None
-    source_type = config.model_type
-    if source_type in ("vit", "pvt_v2"):
-        model_type = "msvit" if source_type == "vit" else "dit_routing"
-        backbone_class = (
-            transformers.ViTForImageClassification
-            if source_type == "vit"
-            else transformers.PvtV2ForImageClassification
-        )
-        backbone = backbone_class.from_pretrained(
-            path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **label_kwargs, **hub_kwargs
-        )
-        return None, backbone, source_processor, model_type
-    if source_type in ("msvit", "dit_routing"):
-        for key, value in {**gate_overrides(model_args, source_type), **label_kwargs}.items():
-            setattr(config, key, value)
-        model = AutoModelForImageClassification.from_pretrained(
-            path,
-            config=config,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            trust_remote_code=model_args.trust_remote_code,
-            **hub_kwargs,
-        )
-        return model, None, source_processor, source_type
-    raise ValueError(
-        f"--model_name_or_path {path!r} has model_type {source_type!r}; expected a ViT ('vit', upcycled to MSViT), a "
-        "PVTv2 ('pvt_v2', upcycled to DiT) or an MSViT / DiT checkpoint."
-    )
-
-
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def run_phase(name, model, training_args, overrides, datasets_, image_processor, compute_metrics, resume):
-    """One `Trainer` run in `<output_dir>/phase-<name>`. A phase that completed before is skipped on resume.
-
-    Returns `(trainer or None, train metrics)`; the trained weights are in `model` (trained in place).
+    Without it, `TrainingArguments` would give every process its own independent run on the full data. Applied as a
+    default, so an explicit `--use_cpu` / `--ddp_backend` still wins.
     """
-    phase_dir = os.path.join(training_args.output_dir, f"phase-{name}")
-    marker = os.path.join(phase_dir, DONE_MARKER)
-    if resume and os.path.isfile(marker):
-        logger.info("Phase %r already complete (%s): loading its final weights.", name, phase_dir)
-        # from_pretrained applies the checkpoint conversions (e.g. ViT's original key names), then copy in place.
-        restored = type(model).from_pretrained(os.path.join(phase_dir, "final"))
-        model.load_state_dict(restored.state_dict())
-        del restored
-        with open(marker) as handle:
-            return None, json.load(handle)
-
-    args = dataclasses.replace(
-        training_args, output_dir=phase_dir, push_to_hub=False, resume_from_checkpoint=None, **overrides
-    )
-    trainer = DynamicComputeTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets_["train"],
-        eval_dataset=datasets_.get("validation") if training_args.do_eval else None,
-        compute_metrics=compute_metrics,
-        processing_class=image_processor,
-        data_collator=collate_fn,
-    )
-    checkpoint = None
-    if resume:
-        requested = training_args.resume_from_checkpoint
-        if (
-            requested
-            and os.path.isdir(requested)
-            and os.path.abspath(requested).startswith(os.path.abspath(phase_dir) + os.sep)
-        ):
-            checkpoint = requested
-        elif os.path.isdir(phase_dir):
-            checkpoint = get_last_checkpoint(phase_dir)
-        if checkpoint:
-            logger.info("Resuming phase %r from %s", name, checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = dict(result.metrics)
-    trainer.save_model(os.path.join(phase_dir, "final"))
-    if trainer.is_world_process_zero():
-        trainer.log_metrics(f"train_{name}", metrics)
-        with open(marker, "w") as handle:
-            json.dump(metrics, handle, indent=2)
-    trainer.accelerator.wait_for_everyone()
-    return trainer, metrics
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator():
+        return {"use_cpu": True, "ddp_backend": "gloo"}
+    return {}
 
 
-def main(argv=None):
-    started = time.time()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
-        # Several processes on a machine without GPU (torchrun, accelerate launch): train on CPU in one gloo group.
-        # Without this, TrainingArguments would give every process its own independent run on the full data.
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, ScriptTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    # Plain `TrainingArguments` from here on, so the `training_args.bin` in checkpoints loads without this script.
-    values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not values["use_cpu"] and not _has_accelerator():
-        values["use_cpu"] = True
-        values["ddp_backend"] = values["ddp_backend"] or "gloo"
-    training_args = TrainingArguments(**values)
+def parse_args(argv=None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
+    """Command line (or one JSON file) over `SCRIPT_TRAINING_DEFAULTS`, into plain `TrainingArguments` (so the
+    `training_args.bin` in checkpoints loads without this script)."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    defaults = {**SCRIPT_TRAINING_DEFAULTS, **launch_defaults()}
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0]) as handle:
+            return parser.parse_dict({**defaults, **json.load(handle)})
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(args=argv)
 
+
+def check_world_size(training_args: TrainingArguments) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise ValueError(
+            f"Launched as {launched} processes, but training would run {training_args.world_size} independent "
+            "process(es): each would train alone on the full data. On CPU pass `--use_cpu True --ddp_backend gloo`."
+        )
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
@@ -508,242 +353,434 @@ def main(argv=None):
     logger.setLevel(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     datasets.utils.logging.set_verbosity(log_level)
-
-    env_world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if env_world_size > 1 and training_args.world_size != env_world_size:
-        raise RuntimeError(
-            f"Launched as {env_world_size} processes, but training would run {training_args.world_size} independent "
-            "process(es): each would train alone on the full data. On CPU pass `--use_cpu --ddp_backend gloo` (or set "
-            "ACCELERATE_USE_CPU=true)."
-        )
     logger.warning(
-        "Process rank %s, world size %s, device %s, distributed %s",
+        "Process rank %s, world size %s, device %s, distributed %s, torch threads %s",
         training_args.process_index,
         training_args.world_size,
         training_args.device,
         training_args.parallel_mode.value,
+        torch.get_num_threads(),
     )
-    set_seed(training_args.seed)
 
-    dataset, dataset_name = load_data(data_args, model_args, training_args.seed)
-    id2label, label2id = label_maps(dataset, data_args.label_column_name)
-    resume = (
-        training_args.resume_from_checkpoint is not None
-        and str(training_args.resume_from_checkpoint).lower() != "false"
+
+@dataclass
+class Data:
+    splits: datasets.DatasetDict  # train / validation, raw images
+    name: str | None  # `--dataset_name` (a Hub id or a local dataset folder), None otherwise
+    builtin: bool  # the built-in digits-on-canvas data
+    id2label: dict[int, str]
+    label2id: dict[str, int]
+
+
+def load_raw_dataset(data_args: DataTrainingArguments, model_args: ModelArguments) -> datasets.DatasetDict:
+    if data_args.dataset_name is not None:
+        return datasets.load_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )
+    if data_args.train_dir is not None or data_args.validation_dir is not None:
+        data_files = {}
+        if data_args.train_dir is not None:
+            data_files["train"] = os.path.join(data_args.train_dir, "**")
+        if data_args.validation_dir is not None:
+            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
+    return builtin_data.load_digits_on_canvas(canvas_size=data_args.canvas_size, copies=data_args.digit_copies)
+
+
+def check_columns(dataset: datasets.DatasetDict, data_args: DataTrainingArguments) -> None:
+    for split_name, split in dataset.items():
+        for column, flag in ((data_args.image_column_name, "--image_column_name"),
+                             (data_args.label_column_name, "--label_column_name")):  # fmt: skip
+            if column not in split.column_names:
+                raise ValueError(f"Column {column!r} not in split {split_name!r} ({split.column_names}); set {flag}.")
+
+
+def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> Data:
+    dataset = load_raw_dataset(data_args, model_args)
+    if "validation" not in dataset and "test" in dataset:
+        dataset["validation"] = dataset.pop("test")
+    if "validation" not in dataset and data_args.train_val_split:
+        split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
+        dataset["train"], dataset["validation"] = split["train"], split["test"]
+    check_columns(dataset, data_args)
+    for split_name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None and split_name in dataset:
+            dataset[split_name] = dataset[split_name].select(range(min(limit, len(dataset[split_name]))))
+    feature = dataset["train"].features[data_args.label_column_name]
+    names = (
+        list(feature.names)
+        if hasattr(feature, "names")
+        else [str(v) for v in sorted(set(dataset["train"][data_args.label_column_name]))]
     )
-    if not resume and training_args.process_index == 0:
-        # A new run: markers of an earlier run in the same folder must not make a later resume skip a phase.
-        for phase in ("backbone", "gate", "joint"):
+    id2label = dict(enumerate(names))
+    builtin = data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is None
+    return Data(dataset, data_args.dataset_name, builtin, id2label, {name: i for i, name in id2label.items()})
+
+
+def with_transforms(data: Data, image_processor, data_args: DataTrainingArguments, seed: int) -> dict:
+    """The splits with `ImageTransform` applied on the fly (augmentation on `train` only, with `--augment`)."""
+    return {
+        name: split.with_transform(
+            ImageTransform(
+                image_processor,
+                data_args.image_column_name,
+                data_args.label_column_name,
+                augment=data_args.augment and name == "train",
+                seed=seed,
+            )
+        )
+        for name, split in data.splits.items()
+    }
+
+
+@dataclass
+class StartingPoint:
+    model_type: str  # of the dynamic model: `msvit` or `dit_routing`
+    image_processor: object
+    backbone: transformers.PreTrainedModel | None = None  # static ViT / PVTv2 to upcycle (trained first if `fresh`)
+    model: transformers.PreTrainedModel | None = None  # an MSViT / DiT checkpoint to fine-tune further
+    fresh: bool = False  # built from scratch, no --model_name_or_path
+
+
+def gate_learning_rate(model_args: ModelArguments, start: StartingPoint) -> float:
+    """`--gate_learning_rate` if given, else the fresh-run default of the model type, else the checkpoint default."""
+    if model_args.gate_learning_rate is not None:
+        return model_args.gate_learning_rate
+    return FRESH_MODEL_DEFAULTS[start.model_type].gate_learning_rate if start.fresh else CHECKPOINT_GATE_LEARNING_RATE
+
+
+def backbone_learning_rate(model_args: ModelArguments, model_type: str) -> float:
+    if model_args.backbone_learning_rate is not None:
+        return model_args.backbone_learning_rate
+    return FRESH_MODEL_DEFAULTS[model_type].backbone_learning_rate
+
+
+def config_overrides(model_args: ModelArguments, model_type: str, fresh: bool) -> dict:
+    """Dynamic-model config fields: the command-line values given, over the fresh-run defaults of `model_type`."""
+    names = MSVIT_CONFIG_ARGUMENTS if model_type == "msvit" else DIT_CONFIG_ARGUMENTS
+    values = dict(FRESH_MODEL_DEFAULTS[model_type].config) if fresh else {}
+    values.update({name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None})
+    return values
+
+
+def dynamic_image_processor(model_type: str, source=None, size=None):
+    """Our image processor for `model_type`, copying size/mean/std/resample from `source` (e.g. the ViT's)."""
+    keys = ("size", "image_mean", "image_std", "resample", "rescale_factor")
+    kwargs = {key: getattr(source, key) for key in keys if getattr(source, key, None) is not None}
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        kwargs["size"] = {"height": height, "width": width}
+    return IMAGE_PROCESSORS[model_type](**kwargs)
+
+
+def fresh_backbone(model_args: ModelArguments, image_size: int, data: Data):
+    """A small randomly initialized static backbone: ViT for MSViT, PVTv2 for DiT."""
+    common = {
+        "num_labels": len(data.id2label),
+        "id2label": data.id2label,
+        "label2id": data.label2id,
+        "image_size": image_size,
+    }
+    if model_args.model_type == "msvit":
+        vit_fields = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        config = transformers.ViTConfig(**{name: getattr(model_args, name) for name in vit_fields}, **common)
+    elif model_args.pvt_variant:
+        shape = DiTConfig.from_variant(model_args.pvt_variant)
+        config = transformers.PvtV2Config(**{name: getattr(shape, name) for name in PER_SCALE_FIELDS}, **common)
+    else:
+        config = transformers.PvtV2Config(
+            hidden_sizes=[32, 64, 96, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4], **common
+        )
+    return AutoModelForImageClassification.from_config(config)
+
+
+def load_start_model(model_args: ModelArguments, data: Data) -> StartingPoint:
+    """The starting point for `--model_name_or_path`: a ViT / PVTv2 to upcycle, or an MSViT / DiT checkpoint."""
+    path = model_args.model_name_or_path
+    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+    auto_kwargs = dict(trust_remote_code=model_args.trust_remote_code, **hub_kwargs)
+    config = AutoConfig.from_pretrained(model_args.config_name or path, **auto_kwargs)
+    try:
+        source_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or path, **auto_kwargs)
+    except (OSError, ValueError):
+        source_processor = None
+    if config.model_type not in (*DYNAMIC_MODEL_TYPES, *IMAGE_PROCESSORS):
+        raise ValueError(
+            f"--model_name_or_path {path!r} has model_type {config.model_type!r}; expected a ViT ('vit', upcycled to "
+            "MSViT), a PVTv2 ('pvt_v2', upcycled to DiT) or an MSViT / DiT checkpoint."
+        )
+    load_kwargs = {"num_labels": len(data.id2label), "id2label": data.id2label, "label2id": data.label2id}
+    if config.model_type in IMAGE_PROCESSORS:  # our own checkpoint, fine-tuned further: its config with our overrides
+        for key, value in {**config_overrides(model_args, config.model_type, fresh=False), **load_kwargs}.items():
+            setattr(config, key, value)
+        load_kwargs = {"config": config}
+    model = AutoModelForImageClassification.from_pretrained(
+        path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **load_kwargs, **auto_kwargs
+    )
+    model_type = DYNAMIC_MODEL_TYPES.get(config.model_type, config.model_type)
+    processor = dynamic_image_processor(model_type, source_processor, size=model.config.image_size)
+    if config.model_type in IMAGE_PROCESSORS:
+        return StartingPoint(model_type, processor, model=model)
+    return StartingPoint(model_type, processor, backbone=model)
+
+
+def build_start(model_args: ModelArguments, data: Data, data_args: DataTrainingArguments) -> StartingPoint:
+    if model_args.model_name_or_path is not None:
+        return load_start_model(model_args, data)
+    image_size = model_args.image_size or (data_args.canvas_size if data.builtin else 224)
+    backbone = fresh_backbone(model_args, image_size, data)
+    processor = dynamic_image_processor(model_args.model_type, size=image_size)
+    return StartingPoint(model_args.model_type, processor, backbone=backbone, fresh=True)
+
+
+def upcycle(start: StartingPoint, model_args: ModelArguments):
+    """The MSViT / DiT built from the static backbone: every weight reused, only the gates are new."""
+    overrides = config_overrides(model_args, start.model_type, start.fresh)
+    if start.model_type == "msvit" and "coarse_patch_size" not in overrides:
+        patch = start.backbone.config.patch_size
+        overrides["coarse_patch_size"] = 2 * (patch[0] if isinstance(patch, (list, tuple)) else patch)
+    return UPCYCLERS[start.backbone.config.model_type](start.backbone.eval(), **overrides)
+
+
+@dataclass
+class RunContext:
+    """What every phase of one run shares."""
+
+    training_args: TrainingArguments
+    splits: dict  # with transforms
+    image_processor: object
+    resume: bool
+
+    def args(self, **overrides) -> TrainingArguments:
+        """The run's `TrainingArguments` for one `Trainer` of it: no Hub push of its own (the script pushes once,
+        at the end, through `hf_msvit.hub`), resuming decided per phase."""
+        return dataclasses.replace(self.training_args, push_to_hub=False, resume_from_checkpoint=None, **overrides)
+
+    def trainer(self, model, args: TrainingArguments, **kwargs) -> DynamicComputeTrainer:
+        return DynamicComputeTrainer(
+            model=model,
+            args=args,
+            train_dataset=self.splits.get("train"),
+            eval_dataset=self.splits.get("validation") if args.do_eval else None,
+            compute_metrics=make_compute_metrics(ratio_metric_name(model), static_macs(model)),
+            processing_class=self.image_processor,
+            data_collator=collate_fn,
+            **kwargs,
+        )
+
+
+def restore_completed_phase(model, phase_dir: str) -> dict:
+    """Loads the final weights of a phase that completed in an earlier run into `model`; returns its train metrics."""
+    logger.info("Phase folder %s is complete: loading its final weights.", phase_dir)
+    # from_pretrained applies the checkpoint conversions (e.g. ViT's original key names), then copy in place.
+    restored = type(model).from_pretrained(os.path.join(phase_dir, "final"))
+    model.load_state_dict(restored.state_dict())
+    with open(os.path.join(phase_dir, DONE_MARKER)) as handle:
+        return json.load(handle)
+
+
+def resume_checkpoint(phase_dir: str, requested) -> str | None:
+    """`--resume_from_checkpoint` if it lies in this phase's folder, else the phase's last checkpoint (if any)."""
+    if requested and os.path.isdir(str(requested)):
+        if os.path.abspath(requested).startswith(os.path.abspath(phase_dir) + os.sep):
+            return requested
+    return get_last_checkpoint(phase_dir) if os.path.isdir(phase_dir) else None
+
+
+def run_phase(name: str, model, context: RunContext, overrides: dict, gate_learning_rate=None) -> dict:
+    """One `Trainer` run in `<output_dir>/phase-<name>`, training `model` in place; returns its train metrics.
+
+    `overrides` replace `TrainingArguments` fields for this phase. A phase that completed before is skipped on resume.
+    """
+    phase_dir = os.path.join(context.training_args.output_dir, f"phase-{name}")
+    if context.resume and os.path.isfile(os.path.join(phase_dir, DONE_MARKER)):
+        return restore_completed_phase(model, phase_dir)
+    trainer = context.trainer(
+        model, context.args(output_dir=phase_dir, **overrides), gate_learning_rate=gate_learning_rate
+    )
+    checkpoint = resume_checkpoint(phase_dir, context.training_args.resume_from_checkpoint) if context.resume else None
+    if checkpoint:
+        logger.info("Resuming phase %r from %s", name, checkpoint)
+    metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    trainer.save_model(os.path.join(phase_dir, "final"))
+    if trainer.is_world_process_zero():
+        trainer.log_metrics(f"train_{name}", metrics)
+        with open(os.path.join(phase_dir, DONE_MARKER), "w") as handle:
+            json.dump(metrics, handle, indent=2)
+    trainer.accelerator.wait_for_everyone()
+    del trainer
+    gc.collect()
+    return metrics
+
+
+def forget_earlier_runs(training_args: TrainingArguments) -> None:
+    """A new (not resumed) run: markers of an earlier run in this folder must not make a later resume skip a phase."""
+    if training_args.process_index == 0:
+        for phase in PHASES:
             marker = os.path.join(training_args.output_dir, f"phase-{phase}", DONE_MARKER)
             if os.path.isfile(marker):
                 os.remove(marker)
 
-    # ---- model -------------------------------------------------------------------------------------------------
-    model, backbone, source_processor = None, None, None
-    model_type = model_args.model_type
-    if model_args.model_name_or_path is not None:
-        model, backbone, source_processor, model_type = load_start_model(model_args, id2label, label2id)
-        image_size = None
-    else:
-        image_size = model_args.image_size or (
-            data_args.canvas_size if dataset_name == builtin_data.DATASET_NAME else 224
-        )
-        backbone = fresh_backbone(model_args, image_size, id2label, label2id)
-    image_processor = dynamic_image_processor(model_type, source_processor, size=image_size)
-    if image_size is None and backbone is not None:  # follow the backbone's input size
-        size = backbone.config.image_size
-        image_processor.size = (
-            {"height": size, "width": size} if isinstance(size, int) else {"height": size[0], "width": size[1]}
-        )
 
-    def with_transforms(augment_train: bool):
-        splits = {}
-        for split_name, split in dataset.items():
-            split = split.with_transform(
-                ImageTransform(
-                    image_processor,
-                    data_args.image_column_name,
-                    data_args.label_column_name,
-                    augment=augment_train and split_name == "train",
-                    seed=training_args.seed,
-                )
-            )
-            splits[split_name] = split
-        return splits
+def phase_length(epochs: float, max_steps: int) -> dict:
+    return {"num_train_epochs": epochs, "max_steps": max_steps}
 
-    splits = with_transforms(data_args.augment)
-    backbone_metrics = None
 
-    # ---- phase 0: static backbone from scratch (only without --model_name_or_path) ------------------------------
-    if (
-        model is None
-        and model_args.model_name_or_path is None
-        and (model_args.backbone_epochs > 0 or model_args.backbone_max_steps > 0)
-    ):
-        trainer, _ = run_phase(
-            "backbone",
-            backbone,
-            training_args,
-            dict(
-                num_train_epochs=model_args.backbone_epochs,
-                max_steps=model_args.backbone_max_steps,
-                learning_rate=model_args.backbone_learning_rate,
-            ),
-            splits,
-            image_processor,
-            make_compute_metrics(),
-            resume,
-        )
-        if trainer is not None and training_args.do_eval:
-            backbone_metrics = trainer.evaluate(metric_key_prefix="backbone_eval")
-        del trainer
-        gc.collect()
-        if model_args.backbone_only:
-            path = os.path.join(training_args.output_dir, "phase-backbone", "final")
-            print(f"Static backbone trained: {path} (eval: {backbone_metrics})")
-            return backbone_metrics or {}
+def train_backbone(start: StartingPoint, context: RunContext, model_args: ModelArguments) -> dict:
+    """Phase 0: the static backbone from scratch. Returns its eval metrics (`backbone_eval_*`), if evaluated."""
+    overrides = {
+        **phase_length(model_args.backbone_epochs, model_args.backbone_max_steps),
+        "learning_rate": backbone_learning_rate(model_args, start.model_type),
+    }
+    run_phase("backbone", start.backbone, context, overrides)
+    if not (context.training_args.do_eval and "validation" in context.splits):
+        return {}
+    args = context.args(output_dir=os.path.join(context.training_args.output_dir, "phase-backbone"))
+    metrics = context.trainer(start.backbone, args).evaluate(metric_key_prefix="backbone_eval")
+    metrics.pop("epoch", None)  # an evaluation-only Trainer: its epoch would read 0
+    return metrics
 
-    if model is None:
-        overrides = gate_overrides(model_args, model_type)
-        if model_args.model_name_or_path is None and model_type == "msvit":
-            # A small gate for a small backbone (the default 256-wide gate would cost as much as this encoder), a
-            # target that fits the built-in data (the digit covers roughly a quarter of the canvas), and a strong GBaS
-            # with a tight hyperprior: with the config defaults the gate of this short run drifts to all-coarse.
-            overrides.setdefault("gate_hidden_size", 64)
-            overrides.setdefault("gbas_target_ratio", 0.3)
-            overrides.setdefault("gbas_loss_weight", 5.0)
-            overrides.setdefault("gbas_hyperprior_std", 0.05)
-        model = upcycle(backbone.eval(), model_type, overrides)
-        del backbone
-    prepare_for_remote_code(model, image_processor)
-    ratio_name = ratio_metric_name(model)
-    compute_metrics = make_compute_metrics(ratio_name, static_macs(model))
 
-    # ---- phase 1: gates only -----------------------------------------------------------------------------------
-    trainer = None
-    gate_lr = model_args.gate_learning_rate or (1e-2 if model_args.model_name_or_path is None else 1e-3)
-    if model_args.gate_only_epochs > 0 or model_args.gate_only_max_steps > 0:
-        trainable = freeze_all_but_gates(model)
-        logger.info("Gate-only phase: %d trainable tensors (%s, ...)", len(trainable), ", ".join(trainable[:3]))
-        trainer, _ = run_phase(
-            "gate",
-            model,
-            training_args,
-            dict(
-                num_train_epochs=model_args.gate_only_epochs,
-                max_steps=model_args.gate_only_max_steps,
-                learning_rate=gate_lr,
-            ),
-            splits,
-            image_processor,
-            compute_metrics,
-            resume,
-        )
+def train_gates(model, context: RunContext, model_args: ModelArguments, gate_lr: float) -> dict:
+    """Gate-only phase: backbone and head frozen."""
+    trainable = freeze_all_but_gates(model)
+    logger.info("Gate-only phase: %d trainable tensors (%s, ...)", len(trainable), ", ".join(trainable[:3]))
+    overrides = {**phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps), "learning_rate": gate_lr}
+    try:
+        return run_phase("gate", model, context, overrides)
+    finally:
         unfreeze_all(model)
-        del trainer
-        gc.collect()
 
-    # ---- phase 2: joint fine-tuning ----------------------------------------------------------------------------
-    unfreeze_all(model)
-    trainer, train_metrics = None, {}
-    if training_args.do_train and (training_args.num_train_epochs > 0 or training_args.max_steps > 0):
-        trainer, train_metrics = run_phase(
-            "joint", model, training_args, {}, splits, image_processor, compute_metrics, resume
-        )
-    if trainer is None:  # nothing left to train: a Trainer for evaluation only
-        args = dataclasses.replace(training_args, push_to_hub=False, resume_from_checkpoint=None)
-        trainer = DynamicComputeTrainer(
-            model=model,
-            args=args,
-            eval_dataset=splits.get("validation"),
-            compute_metrics=compute_metrics,
-            processing_class=image_processor,
-            data_collator=collate_fn,
-        )
 
-    # ---- final evaluation, save, card ---------------------------------------------------------------------------
+def train_jointly(model, context: RunContext, gate_lr: float) -> dict:
+    """Joint phase: everything at `--learning_rate`, the gates at `gate_lr`."""
+    return run_phase("joint", model, context, {}, gate_learning_rate=gate_lr)
+
+
+def train(start: StartingPoint, context: RunContext, model_args: ModelArguments):
+    """All phases. Returns `(model, TrainSummary)`; `model` is None after `--backbone_only`."""
+    args = context.training_args
+    summary = TrainSummary()
+    if start.fresh and (model_args.backbone_epochs > 0 or model_args.backbone_max_steps > 0):
+        summary.backbone_eval = train_backbone(start, context, model_args)
+    if start.fresh and model_args.backbone_only:
+        return None, summary
+    model = start.model if start.model is not None else upcycle(start, model_args)
+    start.backbone = None
+    gate_lr = gate_learning_rate(model_args, start)
+    summary.gate_learning_rate = gate_lr
+    if model_args.gate_only_epochs > 0 or model_args.gate_only_max_steps > 0:
+        summary.phases["gate"] = train_gates(model, context, model_args, gate_lr)
+    if args.do_train and (args.num_train_epochs > 0 or args.max_steps > 0):
+        summary.phases["joint"] = train_jointly(model, context, gate_lr)
+    return model, summary
+
+
+@dataclass
+class TrainSummary:
+    backbone_eval: dict = field(default_factory=dict)  # `backbone_eval_*` of phase 0
+    phases: dict = field(default_factory=dict)  # train metrics per phase name (`gate`, `joint`)
+    gate_learning_rate: float | None = None
+
+    def train_metrics(self) -> dict:
+        """What `train_results.json` holds: the joint phase's metrics (the last phase that ran), including the
+        training-time compute (`train_<ratio>`, `train_gmacs`, `train_macs_fraction`); earlier phases prefixed."""
+        names = [name for name in ("gate", "joint") if name in self.phases]
+        metrics = dict(self.phases[names[-1]]) if names else {}
+        for name in names[:-1]:
+            metrics.update({f"{name}_phase_{key}": value for key, value in self.phases[name].items()})
+        return metrics
+
+
+def evaluate_and_save_metrics(model, context: RunContext, summary: TrainSummary) -> dict:
+    """Final evaluation; writes `train_results.json`, `eval_results.json` and `all_results.json` to `--output_dir`."""
+    args = context.args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    trainer = context.trainer(model, args)
+    train_metrics = summary.train_metrics()
+    if train_metrics:
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
     eval_metrics = {}
-    if training_args.do_eval and "validation" in splits:
+    if args.do_eval and "validation" in context.splits:
         eval_metrics = trainer.evaluate()
+        eval_metrics.pop("epoch", None)  # an evaluation-only Trainer: its epoch would read 0
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-
-    from hf_msvit import hub
-
-    repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir))
-    card_kwargs = dict(
-        repo_id=repo_id,
-        eval_metrics=eval_metrics,
-        training_args=training_args,
-        base_model=model_args.model_name_or_path,
-        dataset_name=dataset_name,
-        extra_settings={
-            "gate_only_epochs": model_args.gate_only_epochs,
-            "gate_learning_rate": gate_lr,
-            "backbone_epochs (from scratch)": model_args.backbone_epochs
-            if model_args.model_name_or_path is None
-            else None,
-            "backbone_eval_accuracy": (backbone_metrics or {}).get("backbone_eval_accuracy"),
-        },
-    )
-    if trainer.is_world_process_zero():
-        hub.save_for_hub(model, training_args.output_dir, image_processor=image_processor, **card_kwargs)
-    trainer.accelerator.wait_for_everyone()
-
-    push_error = None
-    if training_args.push_to_hub and trainer.is_world_process_zero():
-        try:
-            url = hub.push_to_hub(
-                model,
-                repo_id,
-                image_processor=image_processor,
-                token=training_args.hub_token,
-                private=training_args.hub_private_repo,
-                **{k: v for k, v in card_kwargs.items() if k != "repo_id"},
-            )
-            print(f"Pushed to {url}")
-        except hub.HubPushError as error:
-            push_error = error
-            print(
-                f"\nPUSH FAILED: {error}\nThe local checkpoint in {training_args.output_dir} is intact.",
-                file=sys.stderr,
-            )
-
-    if trainer.is_world_process_zero():
-        print_summary(model, training_args, eval_metrics, ratio_name, time.time() - started, backbone_metrics)
-    if push_error is not None:
-        raise SystemExit(1)
     return eval_metrics
 
 
-def _has_accelerator() -> bool:
-    import torch
+def save_and_push(model, context: RunContext, card_kwargs: dict) -> hub.HubPushError | None:
+    """Model, processor, code and card into `--output_dir`; with `--push_to_hub` the same to the Hub. A failed push
+    is returned (and reported), the local checkpoint stays intact."""
+    args = context.training_args
+    if args.process_index == 0:
+        hub.save_for_hub(model, args.output_dir, image_processor=context.image_processor, **card_kwargs)
+    PartialState().wait_for_everyone()
+    if not (args.push_to_hub and args.process_index == 0):
+        return None
+    try:
+        url = hub.push_to_hub(
+            model,
+            card_kwargs["repo_id"],
+            image_processor=context.image_processor,
+            token=args.hub_token,
+            private=args.hub_private_repo,
+            **{k: v for k, v in card_kwargs.items() if k != "repo_id"},
+        )
+    except hub.HubPushError as error:
+        print(f"\nPUSH FAILED: {error}\nThe local checkpoint in {args.output_dir} is intact.", file=sys.stderr)
+        return error
+    print(f"Pushed to {url}")
+    return None
 
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
+
+def card_arguments(model_args: ModelArguments, data: Data, training_args, summary: TrainSummary) -> dict:
+    return {
+        "repo_id": training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir)),
+        "training_args": training_args,
+        "base_model": model_args.model_name_or_path,
+        "dataset_name": data.name,
+        "builtin_data": data.builtin,
+        "extra_settings": {
+            "gate_only_epochs": model_args.gate_only_epochs,
+            "gate_learning_rate": summary.gate_learning_rate,
+            "backbone_epochs (from scratch)": None if model_args.model_name_or_path else model_args.backbone_epochs,
+            "backbone_eval_accuracy": summary.backbone_eval.get("backbone_eval_accuracy"),
+        },
+    }
 
 
-def print_summary(model, training_args, eval_metrics, ratio_name, seconds, backbone_metrics=None):
+def summary_lines(model, eval_metrics: dict, train_metrics: dict, backbone_eval: dict) -> list[str]:
+    """Accuracy, token ratio and GMACs of training (sampled gates, last logging window) and evaluation."""
+    ratio = ratio_metric_name(model)
     static = static_macs(model)
+
+    def row(label, key, fmt):
+        values = [
+            metrics.get(f"{prefix}_{key}") for metrics, prefix in ((train_metrics, "train"), (eval_metrics, "eval"))
+        ]
+        return f"  {label:<22}" + "".join(f"{'-' if v is None else format(v, fmt):>14}" for v in values)
+
+    lines = [f"  {'':<22}{'train':>14}{'eval':>14}", row("accuracy", "accuracy", ".4f"), row(ratio, ratio, ".3f")]
+    lines += [row("GMACs per image", "gmacs", ".5f"), row("compute vs static", "macs_fraction", ".1%")]
+    if static:
+        lines.append(f"  (static backbone: {static / 1e9:.5f} GMACs per image)")
+    if "backbone_eval_accuracy" in backbone_eval:
+        lines.append(f"  (static backbone trained in phase 0: accuracy {backbone_eval['backbone_eval_accuracy']:.4f})")
+    return lines
+
+
+def print_summary(model, training_args, eval_metrics, summary: TrainSummary, seconds: float) -> None:
     path = os.path.abspath(training_args.output_dir)
-    lines = ["", "=" * 78, f"Finished in {seconds:.0f} s."]
-    if eval_metrics:
-        lines.append(f"  accuracy            {eval_metrics.get('eval_accuracy', float('nan')):.4f}")
-        if "eval_gmacs" in eval_metrics:
-            line = f"  GMACs per image     {eval_metrics['eval_gmacs']:.5f}"
-            if static:
-                line += f"  (static backbone: {static / 1e9:.5f}, {eval_metrics['eval_gmacs'] / (static / 1e9):.1%})"
-            lines.append(line)
-        if f"eval_{ratio_name}" in eval_metrics:
-            lines.append(f"  {ratio_name:<20}{eval_metrics[f'eval_{ratio_name}']:.3f}")
-        if backbone_metrics and "backbone_eval_accuracy" in backbone_metrics:
-            lines.append(
-                f"  (static backbone trained in phase 0: accuracy {backbone_metrics['backbone_eval_accuracy']:.4f})"
-            )
+    lines = ["", "=" * 78, f"Finished in {seconds:.0f} s (torch threads per process: {torch.get_num_threads()})."]
+    lines += summary_lines(model, eval_metrics, summary.train_metrics(), summary.backbone_eval)
     lines += [
-        f"Checkpoint: {path}",
+        "  train: training forward passes (sampled gates), mean over the last logging window of the last phase",
+        f"Checkpoint: {path} (metrics: all_results.json)",
         "Load it with:",
         "  import hf_msvit; from transformers import AutoModelForImageClassification",
         f"  model = AutoModelForImageClassification.from_pretrained({path!r})",
@@ -751,6 +788,36 @@ def print_summary(model, training_args, eval_metrics, ratio_name, seconds, backb
         "=" * 78,
     ]
     print("\n".join(lines))
+
+
+def main(argv=None) -> dict:
+    started = time.time()
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    check_world_size(training_args)
+    set_seed(training_args.seed)
+    resume = str(training_args.resume_from_checkpoint).lower() not in ("none", "false")
+    if not resume:
+        forget_earlier_runs(training_args)
+
+    data = load_data(data_args, model_args, training_args.seed)
+    start = build_start(model_args, data, data_args)
+    splits = with_transforms(data, start.image_processor, data_args, training_args.seed)
+    context = RunContext(training_args, splits, start.image_processor, resume)
+
+    model, summary = train(start, context, model_args)
+    if model is None:  # --backbone_only
+        path = os.path.join(training_args.output_dir, "phase-backbone", "final")
+        print(f"Static backbone trained: {path} (eval: {summary.backbone_eval})")
+        return summary.backbone_eval
+    eval_metrics = evaluate_and_save_metrics(model, context, summary)
+    card_kwargs = card_arguments(model_args, data, training_args, summary)
+    push_error = save_and_push(model, context, {**card_kwargs, "eval_metrics": eval_metrics})
+    if training_args.process_index == 0:
+        print_summary(model, training_args, eval_metrics, summary, time.time() - started)
+    if push_error is not None:
+        raise SystemExit(1)
+    return eval_metrics
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ def test_import_registers_the_auto_classes():
 def test_model_folders_import_only_siblings(path):
     """Model folders are copied flat to the Hub: only `from .sibling import` relative imports may appear."""
     source = path.read_text()
-    assert not re.search(r"^\s*from\s+\.\.", source, re.M), f"{path} uses a parent-relative import"
-    assert not re.search(r"^\s*(from|import)\s+hf_msvit", source, re.M), f"{path} imports hf_msvit"
+    assert not re.search(r"^\s*from\s+\.\.", source, re.MULTILINE), f"{path} uses a parent-relative import"
+    assert not re.search(r"^\s*(from|import)\s+hf_msvit", source, re.MULTILINE), f"{path} imports hf_msvit"
 
 
 @pytest.mark.skipif(MLINTER is None, reason="transformers-mlinter is installed with the test extra")

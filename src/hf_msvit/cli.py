@@ -35,7 +35,9 @@ def _visualize(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-msvit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hf-msvit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     vis = commands.add_parser("visualize", help="save a PNG of the gate decisions of a model on one image")
     vis.add_argument("model", help="checkpoint directory or Hub id")

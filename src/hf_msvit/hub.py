@@ -16,10 +16,11 @@
     from hf_msvit.hub import push_to_hub
     url = push_to_hub(model, "me/msvit-digits", image_processor=processor, eval_metrics=trainer.evaluate())
 
-What is uploaded (one commit): `model.safetensors`, `config.json` (with `auto_map` for AutoConfig, AutoModel and
-AutoModelForImageClassification), the remote-code files (`configuration_*.py`, `modeling_*.py`, their siblings,
-`image_processing_*.py`), `preprocessor_config.json`, and `README.md`, a model card rendered from the templates in
-`hf_msvit/model_cards/` (`model_cards/` at the repository root) with YAML metadata and a `model-index`.
+What is uploaded (one commit): `model.safetensors`, `config.json` (its `auto_map` names AutoConfig, AutoModel,
+AutoModelForImageClassification, and AutoBackbone for DiT), the remote-code files (`configuration_*.py`,
+`modeling_*.py`, their siblings, `image_processing_*.py`), `preprocessor_config.json`, and `README.md`: a model card
+rendered with `huggingface_hub.ModelCard.from_template` from the Jinja templates in `hf_msvit/model_cards/`
+(`model_cards/` at the repository root), with YAML metadata and, when the data is a Hub dataset, a `model-index`.
 
 `save_for_hub` writes the same folder locally without uploading.
 """
@@ -27,18 +28,27 @@ AutoModelForImageClassification), the remote-code files (`configuration_*.py`, `
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from importlib import resources
 
 import huggingface_hub
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .training import prepare_for_remote_code, ratio_metric_name, static_macs
-
 
 TEMPLATE_DIR = "model_cards"  # inside the hf_msvit package; `model_cards/` at the repo root links here
 TRANSFORMERS_MIN = "5.23"
+TRAINING_SETTINGS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "weight_decay",
+    "lr_scheduler_type",
+    "seed",
+    "bf16",
+    "fp16",
+)
 
 
 class HubPushError(RuntimeError):
@@ -62,33 +72,61 @@ def read_template(model_type: str) -> str:
         raise ValueError(f"No model card template {name!r} in hf_msvit/model_cards/.") from error
 
 
-def render_template(template: str, values: dict) -> str:
-    """Replaces `{{ name }}` placeholders; raises `KeyError` naming any placeholder without a value."""
-
-    def substitute(match):
-        key = match.group(1)
-        if key not in values:
-            raise KeyError(f"model card template placeholder {{{{ {key} }}}} has no value")
-        return str(values[key])
-
-    return re.sub(r"\{\{\s*(\w+)\s*\}\}", substitute, template)
-
-
-def _fmt(value, digits=4):
-    if isinstance(value, float):
-        return (
-            f"{value:.{digits}g}"
-            if abs(value) < 1e-3 or abs(value) >= 1e4
-            else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+def training_settings(training_args=None, extra_settings: dict | None = None) -> dict:
+    """The settings a card lists: the main `TrainingArguments` fields, the global batch size, then `extra_settings`."""
+    settings = {}
+    if training_args is not None:
+        for key in TRAINING_SETTINGS:
+            value = getattr(training_args, key, None)
+            if value is None or (key == "max_steps" and value <= 0) or (key in ("bf16", "fp16") and not value):
+                continue
+            settings[key] = getattr(value, "value", value)  # enums (lr_scheduler_type) by their value
+        world_size = getattr(training_args, "world_size", 1)
+        settings["processes (world size)"] = world_size
+        settings["global batch size"] = (
+            training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world_size
         )
-    return str(value)
+    settings.update({key: value for key, value in (extra_settings or {}).items() if value is not None})
+    return settings
 
 
-def _metric(eval_metrics: dict, name: str):
-    for key in (name, f"eval_{name}"):
-        if key in (eval_metrics or {}):
-            return eval_metrics[key]
-    return None
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not os.path.exists(name)
+
+
+def card_metadata(model, eval_metrics: dict, base_model=None, dataset_name=None, model_name=None, license=None):
+    """`ModelCardData` for the card's YAML header; a `model-index` only when `dataset_name` is a Hub dataset id (as
+    transformers' own cards: a result without a dataset would be rejected by the Hub)."""
+    model_type = model.config.model_type
+    dataset_id = dataset_name if _is_hub_id(dataset_name) else None
+    accuracy = eval_metrics.get("accuracy")
+    eval_results = None
+    if accuracy is not None and dataset_id is not None:
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=dataset_id,
+                dataset_name=dataset_id,
+                dataset_split="validation",
+                metric_type="accuracy",
+                metric_name="Accuracy",
+                metric_value=float(accuracy),
+            )
+        ]
+    tags = ["vision", "image-classification", "custom_code", "hf_msvit", model_type]
+    tags += ["dynamic-tokenization", "mixed-scale-tokens"] if model_type == "msvit" else ["dynamic-token-routing"]
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        license=license,
+        tags=tags,
+        datasets=[dataset_id] if dataset_id else None,
+        metrics=["accuracy"],
+        base_model=base_model if _is_hub_id(base_model) else None,
+        model_name=model_name,
+        eval_results=eval_results,
+    )
 
 
 def build_model_card(
@@ -98,170 +136,44 @@ def build_model_card(
     training_args=None,
     base_model: str | None = None,
     dataset_name: str | None = None,
+    builtin_data: bool = False,
     extra_settings: dict | None = None,
     license: str = "apache-2.0",
 ) -> ModelCard:
-    """A `ModelCard` for a trained MSViT / DiT classifier.
+    """A `ModelCard` for a trained MSViT / DiT classifier, rendered from its model type's template.
 
-    Metadata: `library_name: transformers`, `pipeline_tag: image-classification`, tags, `datasets`, `metrics`,
-    `base_model` (when known) and a `model-index` with the accuracy (when `eval_metrics` has one). Body: usage code,
-    the MACs / token figures from `eval_metrics` (as returned by `Trainer.evaluate` with
-    `hf_msvit.training.make_compute_metrics`), the training settings and the limits of the model.
+    `eval_metrics` as returned by `Trainer.evaluate` with `hf_msvit.training.make_compute_metrics` (`eval_` prefixes
+    are optional). `base_model`: the checkpoint the model was upcycled from (a Hub id goes into the metadata, a local
+    folder only into the text). `dataset_name`: a Hub dataset id goes into the metadata; `builtin_data=True` says the
+    model was trained on `hf_msvit.data`'s built-in data, which has no Hub id.
     """
     model = getattr(model, "module", model)
-    if dataset_name and os.path.exists(dataset_name):  # a local folder is no Hub dataset id: keep it out of metadata
-        dataset_name = None
-    config = model.config
-    model_type = config.model_type
-    repo_id = repo_id or f"{model_type}-model"
+    repo_id = repo_id or f"{model.config.model_type}-model"
+    results = {key.removeprefix("eval_"): value for key, value in (eval_metrics or {}).items()}
+    if hasattr(model, "static_macs"):
+        results.setdefault("static_gmacs", model.static_macs() / 1e9)
+    if "gmacs" in results and results.get("static_gmacs"):
+        results.setdefault("macs_fraction", results["gmacs"] / results["static_gmacs"])
     model_name = repo_id.split("/")[-1]
-    eval_metrics = dict(eval_metrics or {})
-    ratio_name = ratio_metric_name(model)
-    accuracy = _metric(eval_metrics, "accuracy")
-    gmacs = _metric(eval_metrics, "gmacs")
-    ratio = _metric(eval_metrics, ratio_name)
-    static = static_macs(model)
-    dataset_label = dataset_name or "custom image folder"
-
-    rows = ["| metric | value |", "|---|---|"]
-    if accuracy is not None:
-        rows.append(f"| accuracy ({dataset_label}, eval split) | {_fmt(float(accuracy))} |")
-    if gmacs is not None:
-        rows.append(f"| mean GMACs per image | {_fmt(float(gmacs))} |")
-    if static is not None:
-        rows.append(f"| static backbone GMACs per image | {_fmt(static / 1e9)} |")
-        if gmacs is not None and static:
-            rows.append(f"| mean compute relative to static | {float(gmacs) / (static / 1e9):.1%} |")
-    if ratio is not None:
-        label = "mean fine-region ratio" if ratio_name == "fine_region_ratio" else "mean token keep ratio"
-        rows.append(f"| {label} | {_fmt(float(ratio), 3)} |")
-    num_params = sum(p.numel() for p in model.parameters())
-    rows.append(f"| parameters | {num_params / 1e6:.2f} M |")
-    if len(rows) == 3 and accuracy is None:
-        rows.append("| (not evaluated) | |")
-    results_table = "\n".join(rows)
-
-    settings = {}
-    if training_args is not None:
-        for key in (
-            "learning_rate",
-            "num_train_epochs",
-            "max_steps",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "weight_decay",
-            "lr_scheduler_type",
-            "seed",
-            "bf16",
-            "fp16",
-        ):
-            value = getattr(training_args, key, None)
-            if value is None or (key == "max_steps" and value in (-1, 0)) or (key in ("bf16", "fp16") and not value):
-                continue
-            settings[key] = getattr(value, "value", value)
-        world_size = getattr(training_args, "world_size", 1)
-        settings["processes (world size)"] = world_size
-        settings["global batch size"] = (
-            training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world_size
-        )
-    for key in (
-        "gbas_target_ratio",
-        "gbas_loss_weight",
-        "gbas_gather_across_processes",
-        "gate_threshold",
-        "budget_target",
-        "budget_loss_weight",
-    ):
-        if hasattr(config, key):
-            settings[key] = getattr(config, key)
-    for key, value in (extra_settings or {}).items():
-        if value is not None:
-            settings[key] = value
-    training_table = "\n".join(
-        ["| setting | value |", "|---|---|"]
-        + [f"| {k} | {_fmt(v) if isinstance(v, float) else v} |" for k, v in settings.items()]
-    )
-
-    if model_type == "msvit":
-        origin = (
-            f"Upcycled from [{base_model}](https://huggingface.co/{base_model})."
-            if base_model and not os.path.isdir(base_model)
-            else (
-                f"Upcycled from the ViT checkpoint `{base_model}`."
-                if base_model
-                else "Upcycled from a small ViT trained from scratch on the same data."
-            )
-        )
-        recipe = (
-            "upcycle the ViT (every weight reused, only the gate is new), train the gate with the backbone frozen, then "
-            "fine-tune everything jointly (classification loss + `gbas_loss_weight` x GBaS loss)."
-        )
-        height, width = config.image_hw
-        values = dict(
-            coarse_patch_size=config.coarse_patch_size,
-            patch_size=config.patch_size,
-            fine_per_coarse=(config.coarse_patch_size // config.patch_size) ** 2,
-            image_size=f"{height}x{width}",
-            gbas_target_ratio=config.gbas_target_ratio,
-        )
+    card_data = card_metadata(model, results, base_model, dataset_name, model_name, license)
+    if builtin_data:
+        dataset_label = "digits-on-canvas, built into hf_msvit"
     else:
-        origin = (
-            f"Upcycled from the PVTv2 checkpoint `{base_model}`."
-            if base_model
-            else "Upcycled from a small PVTv2 trained from scratch on the same data."
-        )
-        recipe = (
-            "upcycle the PVTv2 (every weight reused, only the routing gates are new), train the gates with the backbone "
-            "frozen, then fine-tune everything jointly (classification loss + `budget_loss_weight` x budget loss)."
-        )
-        values = dict(budget_target=getattr(config, "budget_target", "the target"))
-    if dataset_name == "hf-msvit/digits-on-canvas":
-        data_limitation = (
-            "Trained on a toy dataset (scikit-learn's 8x8 handwritten digits, upscaled and pasted on a larger blank "
-            "canvas, generated by `hf_msvit.data`): a demonstration checkpoint, not a general-purpose classifier."
-        )
-    else:
-        data_limitation = f"Only evaluated on {dataset_label}; accuracy and compute on other data will differ."
-    values.update(
-        model_name=model_name,
+        dataset_label = dataset_name or "a custom image folder"
+    return ModelCard.from_template(
+        card_data,
+        template_str=read_template(model.config.model_type),
         repo_id=repo_id,
-        origin=origin,
-        results_table=results_table,
-        training_table=training_table,
-        recipe=recipe,
-        data_limitation=data_limitation,
+        model_name=model_name,
+        config=model.config,
+        results=results,
+        num_parameters_m=sum(p.numel() for p in model.parameters()) / 1e6,
+        start_checkpoint=base_model,
+        dataset_label=dataset_label,
+        builtin_data=builtin_data,
+        training_settings=training_settings(training_args, extra_settings),
         transformers_min=TRANSFORMERS_MIN,
     )
-    body = render_template(read_template(model_type), values)
-
-    eval_results = None
-    if accuracy is not None:
-        eval_results = [
-            EvalResult(
-                task_type="image-classification",
-                task_name="Image Classification",
-                dataset_type=dataset_name or "imagefolder",
-                dataset_name=dataset_label,
-                dataset_split="validation",
-                metric_type="accuracy",
-                metric_name="Accuracy",
-                metric_value=float(accuracy),
-            )
-        ]
-    tags = ["vision", "image-classification", "custom_code", "hf_msvit", model_type]
-    tags += ["dynamic-tokenization", "mixed-scale-tokens"] if model_type == "msvit" else ["dynamic-token-routing"]
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        license=license,
-        tags=tags,
-        datasets=[dataset_name] if dataset_name else None,
-        metrics=["accuracy"],
-        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
-        model_name=model_name,
-        eval_results=eval_results,
-    )
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 
 def save_for_hub(model, folder: str, image_processor=None, **card_kwargs) -> list[str]:
@@ -269,13 +181,11 @@ def save_for_hub(model, folder: str, image_processor=None, **card_kwargs) -> lis
     processor and `README.md`. Returns the sorted file names. `card_kwargs` go to `build_model_card`.
     """
     model = getattr(model, "module", model)
-    prepare_for_remote_code(model, image_processor)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     if image_processor is not None:
         image_processor.save_pretrained(folder)
-    card = build_model_card(model, **card_kwargs)
-    card.save(os.path.join(folder, "README.md"))
+    build_model_card(model, **card_kwargs).save(os.path.join(folder, "README.md"))
     return sorted(os.listdir(folder))
 
 
@@ -316,12 +226,17 @@ def push_to_hub(
 
 
 def _version() -> str:
-    try:
-        from . import __version__
+    from . import __version__
 
-        return __version__
-    except ImportError:  # pragma: no cover
-        return "unknown"
+    return __version__
 
 
-__all__ = ["HubPushError", "build_model_card", "push_to_hub", "read_template", "render_template", "save_for_hub"]
+__all__ = [
+    "HubPushError",
+    "build_model_card",
+    "card_metadata",
+    "push_to_hub",
+    "read_template",
+    "save_for_hub",
+    "training_settings",
+]

@@ -14,72 +14,35 @@
 """Helpers to fine-tune MSViT / DiT with `transformers.Trainer` (used by `examples/run_image_classification.py`).
 
 - `ImageTransform` / `collate_fn`: image transforms without torchvision (PIL + numpy through the image processor).
-- `DynamicComputeTrainer`: a `Trainer` whose evaluation also collects, per image, the MACs spent and the token
-  ratio (MSViT: fraction of coarse regions tokenized fine; DiT: token keep ratio), next to the logits.
-- `make_compute_metrics`: accuracy (an `evaluate` metric shipped here, so it never needs the Hub) plus mean GMACs
-  per image and mean token ratio.
-- `freeze_all_but_gates` / `unfreeze_all`: the gate-only phase of the MSViT recipe.
-- `prepare_for_remote_code`: make `save_pretrained` folders loadable with `trust_remote_code=True`.
+- `DynamicComputeTrainer`: a `Trainer` that reports what every image cost. In evaluation `compute_metrics` receives
+  each image's MACs and token ratio next to its logits; in training the same quantities, averaged over the steps
+  between two logs, go into Trainer's logs (`train_fine_region_ratio` / `train_token_keep_ratio`, `train_gmacs`,
+  `train_macs_fraction`). With `gate_learning_rate` the gate parameters get their own learning rate.
+- `make_compute_metrics`: accuracy plus mean GMACs per image and mean token ratio.
+- `freeze_all_but_gates` / `unfreeze_all`: the gate-only phase of the recipe.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import Trainer
-from transformers.trainer_pt_utils import nested_detach
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Model families
-
-
-def model_family(model_or_config) -> str:
-    """`"msvit"` or `"dit_routing"` (or another model_type) for a model or config."""
-    config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, "model_type", "")
 
 
 def ratio_metric_name(model_or_config) -> str:
-    """Name of the per-image token ratio this model reports: `fine_region_ratio` (MSViT) or `token_keep_ratio`."""
-    return "fine_region_ratio" if model_family(model_or_config) == "msvit" else "token_keep_ratio"
-
-
-def get_model_classes(model_type: str) -> dict[str, Any]:
-    """Classes of one of our model types: `config`, `base`, `classification`, `image_processor`."""
-    import hf_msvit
-
-    prefixes = {"msvit": "MSViT", "dit_routing": "DiT"}
-    if model_type not in prefixes:
-        raise ValueError(f"model_type must be one of {sorted(prefixes)}, got {model_type!r}.")
-    prefix = prefixes[model_type]
-    names = {
-        "config": f"{prefix}Config",
-        "base": f"{prefix}Model",
-        "classification": f"{prefix}ForImageClassification",
-        "image_processor": f"{prefix}ImageProcessor",
-    }
-    return {key: getattr(hf_msvit, name) for key, name in names.items()}
+    """Name of the per-image token ratio a model reports: `fine_region_ratio` (MSViT) or `token_keep_ratio` (DiT)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return "fine_region_ratio" if getattr(config, "model_type", None) == "msvit" else "token_keep_ratio"
 
 
 def static_macs(model) -> float | None:
-    """MACs per image of the static backbone the model was upcycled from (None if the model cannot say)."""
+    """MACs per image of the static backbone the model was upcycled from; None for a model that cannot say."""
     model = getattr(model, "module", model)
-    fn = getattr(model, "static_macs", None)
-    if fn is None:
-        return None
-    try:
-        return float(fn())
-    except TypeError:  # pragma: no cover - signature differs
-        return None
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Transforms (no torchvision)
+    return float(model.static_macs()) if hasattr(model, "static_macs") else None
 
 
 def _random_resized_crop(image, rng: np.random.Generator, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -99,7 +62,7 @@ def _random_resized_crop(image, rng: np.random.Generator, scale=(0.8, 1.0), rati
 
 
 class ImageTransform:
-    """Turns a batch of a `datasets.Dataset` (images under `image_column`) into `pixel_values` with the image processor.
+    """Turns a batch of a `datasets.Dataset` (images under `image_column`) into `pixel_values` with the processor.
 
     The processor converts to RGB, resizes to the model's size, rescales and normalizes, all with PIL/numpy. With
     `augment=True` a random resized crop (scale 0.8-1) comes first; there is no horizontal flip, since flips change
@@ -141,130 +104,135 @@ def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Metrics
+@dataclass
+class ComputeSpent:
+    """Per image of a batch: `macs` spent and `token_ratio` (MSViT: fraction of coarse regions tokenized fine; DiT:
+    fraction of tokens computed over the stages that ran). Both `(batch,)`."""
 
+    macs: torch.Tensor
+    token_ratio: torch.Tensor
 
-def dynamic_compute_stats(outputs) -> torch.Tensor | None:
-    """`(batch, 2)`: per image, the MACs spent and the token ratio (MSViT fine-region ratio / DiT token keep ratio).
+    @classmethod
+    def from_outputs(cls, outputs) -> ComputeSpent | None:
+        """Read off an MSViT / DiT output; None for outputs without `macs` (e.g. a static transformers model)."""
+        macs = outputs.get("macs")
+        if macs is None:
+            return None
+        fine_region_mask = outputs.get("fine_region_mask")
+        if fine_region_mask is not None:
+            token_ratio = fine_region_mask.flatten(1).float().mean(1)
+        else:
+            token_ratio = outputs["token_keep_ratio"]
+        return cls(macs=macs.detach().float(), token_ratio=token_ratio.detach().float())
 
-    None if the outputs carry neither.
-    """
-    macs = outputs.get("macs") if hasattr(outputs, "get") else None
-    ratio_source = None
-    for key in ("fine_region_mask", "token_keep_ratio"):
-        value = outputs.get(key) if hasattr(outputs, "get") else None
-        if value is not None:
-            ratio_source = value
-            break
-    if macs is None and ratio_source is None:
-        return None
-    logits = outputs["logits"]
-    batch = logits.shape[0]
-    nan = torch.full((batch,), float("nan"), device=logits.device)
-    macs = macs.float().reshape(batch) if macs is not None else nan
-    ratio = ratio_source.float().reshape(batch, -1).mean(1) if ratio_source is not None else nan
-    return torch.stack([macs, ratio], dim=1)
-
-
-class DynamicComputeTrainer(Trainer):
-    """`Trainer` whose predictions are `(logits, stats)` with `stats[:, 0]` = MACs and `stats[:, 1]` = token ratio per
-    image, so that `compute_metrics` sees what each image cost. Everything else (training, logging, checkpoints,
-    distributed gathering) is the stock `Trainer`.
-    """
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
-        inputs = self._prepare_inputs(inputs)
-        labels = None
-        if has_labels:
-            labels = nested_detach(tuple(inputs.get(name) for name in self.label_names))
-            labels = labels[0] if len(labels) == 1 else labels
-        with torch.no_grad():
-            with self.compute_loss_context_manager():
-                if has_labels:
-                    loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-                    loss = loss.detach().mean()
-                else:
-                    loss, outputs = None, model(**inputs)
-        if prediction_loss_only:
-            return loss, None, None
-        logits = outputs["logits"].detach()
-        stats = dynamic_compute_stats(outputs)
-        predictions = logits if stats is None else (logits, stats.detach())
-        return loss, predictions, labels
-
-
-def _make_accuracy_metric():
-    """Accuracy as an `evaluate.Metric` defined here (`evaluate.load("accuracy")` would fetch a script from the Hub)."""
-    try:
-        import datasets
-        import evaluate
-    except ImportError:  # pragma: no cover
-        return None
-
-    class Accuracy(evaluate.Metric):
-        def _info(self):
-            return evaluate.MetricInfo(
-                description="Fraction of predictions equal to the references.",
-                citation="",
-                inputs_description="predictions, references: lists of integer class ids",
-                features=datasets.Features(
-                    {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-                ),
-            )
-
-        def _compute(self, predictions, references):
-            predictions, references = np.asarray(predictions), np.asarray(references)
-            return {"accuracy": float((predictions == references).mean()) if len(references) else float("nan")}
-
-    try:
-        return Accuracy(keep_in_memory=True)
-    except Exception:  # pragma: no cover - any evaluate-internal problem: fall back to numpy
-        return None
+    def per_image(self) -> torch.Tensor:
+        """`(batch, 2)`: column 0 the MACs, column 1 the token ratio."""
+        return torch.stack([self.macs, self.token_ratio], dim=1)
 
 
 def accuracy(predictions: np.ndarray, references: np.ndarray) -> float:
-    """Accuracy through `evaluate` (offline, shipped here), with a numpy fallback."""
-    metric = _make_accuracy_metric()
-    if metric is not None:
-        try:
-            return float(metric.compute(predictions=predictions.tolist(), references=references.tolist())["accuracy"])
-        except Exception:  # pragma: no cover
-            pass
-    return float((np.asarray(predictions) == np.asarray(references)).mean())
+    """Fraction of `predictions` equal to `references` (NaN for no references)."""
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    return float((predictions == references).mean()) if references.size else float("nan")
+
+
+def compute_metrics_from(
+    logits, labels, per_image: np.ndarray | None, ratio_name: str, static_macs_per_image: float | None
+) -> dict[str, float]:
+    """`accuracy`, plus `gmacs`, `<ratio_name>`, `static_gmacs` and `macs_fraction` given `(images, 2)` MACs/ratios."""
+    metrics = {"accuracy": accuracy(np.asarray(logits).argmax(-1), labels)}
+    if per_image is not None:
+        per_image = np.asarray(per_image, dtype=np.float64)
+        metrics["gmacs"] = float(per_image[:, 0].mean() / 1e9)
+        metrics[ratio_name] = float(per_image[:, 1].mean())
+    if static_macs_per_image:
+        metrics["static_gmacs"] = float(static_macs_per_image / 1e9)
+        if "gmacs" in metrics:
+            metrics["macs_fraction"] = metrics["gmacs"] / metrics["static_gmacs"]
+    return metrics
 
 
 def make_compute_metrics(ratio_name: str = "fine_region_ratio", static_macs_per_image: float | None = None):
     """`compute_metrics` for `Trainer`: `accuracy`, `gmacs` (mean GMACs per image), `<ratio_name>` (mean token ratio),
     and, given the static backbone's MACs, `static_gmacs` and `macs_fraction` (gmacs / static_gmacs).
 
-    Works with `DynamicComputeTrainer` predictions `(logits, stats)` and with plain logits (accuracy only).
+    Works with `DynamicComputeTrainer` predictions `(logits, per_image)` and with plain logits (accuracy only).
     """
 
     def compute_metrics(eval_pred) -> dict[str, float]:
-        predictions, labels = eval_pred.predictions, eval_pred.label_ids
-        stats = None
+        predictions, per_image = eval_pred.predictions, None
         if isinstance(predictions, (tuple, list)):
-            predictions, stats = predictions[0], (predictions[1] if len(predictions) > 1 else None)
-        predictions = np.asarray(predictions)
-        labels = np.asarray(labels)
-        metrics = {"accuracy": accuracy(predictions.argmax(-1), labels)}
-        if stats is not None:
-            stats = np.asarray(stats, dtype=np.float64)
-            metrics["gmacs"] = float(np.nanmean(stats[:, 0]) / 1e9)
-            metrics[ratio_name] = float(np.nanmean(stats[:, 1]))
-        if static_macs_per_image:
-            metrics["static_gmacs"] = float(static_macs_per_image / 1e9)
-            if "gmacs" in metrics:
-                metrics["macs_fraction"] = metrics["gmacs"] / metrics["static_gmacs"]
-        return metrics
+            predictions, per_image = predictions
+        return compute_metrics_from(predictions, eval_pred.label_ids, per_image, ratio_name, static_macs_per_image)
 
     return compute_metrics
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Gate-only phase
+class DynamicComputeTrainer(Trainer):
+    """`Trainer` that reports what each image cost, and optionally trains the gates at their own learning rate.
+
+    - Evaluation: the predictions handed to `compute_metrics` are `(logits, per_image)` with `per_image[:, 0]` the
+      MACs and `per_image[:, 1]` the token ratio of every image (`ComputeSpent`), gathered across processes like the
+      logits. Use `make_compute_metrics`.
+    - Training: the MACs and token ratio of the training forward passes (sampled gates) are averaged over the steps
+      between two logs and logged as `train_<ratio>`, `train_gmacs` and `train_macs_fraction`. The metrics returned by
+      `train()` carry the values of the last logging window.
+    - `gate_learning_rate`: the gate parameters (`gate_parameter_names`) form their own optimizer groups with this
+      learning rate (same schedule and weight decay as the rest).
+    """
+
+    def __init__(self, *args, gate_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate_learning_rate = gate_learning_rate
+        self._static_macs = static_macs(self.model)
+        self._ratio_name = ratio_metric_name(self.model)
+        self._train_sums = None  # MACs, ratio and images of the current logging window
+        self._last_train_compute: dict[str, float] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        spent = ComputeSpent.from_outputs(outputs)
+        if spent is not None and model.training:
+            self._add_to_train_window(spent)
+        elif spent is not None and return_outputs:  # evaluation: what `compute_metrics` gets besides the logits
+            outputs = {"loss": loss, "logits": outputs["logits"], "per_image_compute": spent.per_image()}
+        return (loss, outputs) if return_outputs else loss
+
+    def _add_to_train_window(self, spent: ComputeSpent) -> None:
+        images = spent.macs.new_tensor(len(spent.macs))
+        sums = torch.stack([spent.macs.sum(), spent.token_ratio.sum(), images]).to(torch.float64)
+        self._train_sums = sums if self._train_sums is None else self._train_sums + sums
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs or "train_runtime" in logs:  # a training log (evaluation logs hold `eval_*` keys)
+            logs.update(self._train_compute_metrics())
+        super().log(logs, start_time)
+
+    def _train_compute_metrics(self) -> dict[str, float]:
+        """Means over the logging window, summed over all processes (every rank logs, so this collective is safe)."""
+        if self._train_sums is None:
+            return dict(self._last_train_compute)
+        macs, ratio, images = self.accelerator.reduce(self._train_sums.to(self.args.device), "sum").tolist()
+        self._train_sums = None
+        metrics = {f"train_{self._ratio_name}": ratio / images, "train_gmacs": macs / images / 1e9}
+        if self._static_macs:
+            metrics["train_macs_fraction"] = metrics["train_gmacs"] / (self._static_macs / 1e9)
+        self._last_train_compute = metrics
+        return dict(metrics)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.gate_learning_rate is None:
+            return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        model = self.model if model is None else model
+        gate_ids = {id(p) for name, p in model.named_parameters() if GATE_PARAMETER_PATTERN.search(name)}
+        for group in list(optimizer.param_groups):
+            gates = [p for p in group["params"] if id(p) in gate_ids]
+            if gates:
+                group["params"] = [p for p in group["params"] if id(p) not in gate_ids]
+                optimizer.add_param_group({**group, "params": gates, "lr": self.gate_learning_rate})
+        return optimizer
+
 
 # Parameters that decide the tokenization / routing: MSViT `msvit.embeddings.gate.*` and `msvit.batch_shaping.*`
 # (learned GBaS priors); DiT `dit.row_gates.*` and `dit.column_gates.*`.
@@ -294,46 +262,17 @@ def unfreeze_all(model) -> None:
         parameter.requires_grad_(True)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Saving for users without hf_msvit
-
-
-def prepare_for_remote_code(model, image_processor=None) -> None:
-    """Registers the model's classes for `auto_map`, so `save_pretrained` copies the modeling files and writes
-    `auto_map` (AutoConfig, AutoModel, AutoModelForImageClassification; AutoImageProcessor in the processor config).
-    Folders saved afterwards load with `trust_remote_code=True` without this package installed.
-    """
-    model = getattr(model, "module", model)
-    config = model.config
-    config.__class__.register_for_auto_class()
-    model.__class__.register_for_auto_class("AutoModelForImageClassification")
-    base_class = None
-    try:
-        base_class = get_model_classes(config.model_type)["base"]
-    except ValueError:
-        pass
-    if base_class is not None:
-        base_class.register_for_auto_class("AutoModel")
-        module_name = base_class.__module__.rsplit(".", 1)[-1]
-        auto_map = dict(getattr(config, "auto_map", None) or {})
-        auto_map["AutoModel"] = f"{module_name}.{base_class.__name__}"
-        config.auto_map = auto_map
-    if image_processor is not None:
-        image_processor.__class__.register_for_auto_class("AutoImageProcessor")
-
-
 __all__ = [
+    "ComputeSpent",
     "DynamicComputeTrainer",
+    "GATE_PARAMETER_PATTERN",
     "ImageTransform",
     "accuracy",
     "collate_fn",
-    "dynamic_compute_stats",
+    "compute_metrics_from",
     "freeze_all_but_gates",
     "gate_parameter_names",
-    "get_model_classes",
     "make_compute_metrics",
-    "model_family",
-    "prepare_for_remote_code",
     "ratio_metric_name",
     "static_macs",
     "unfreeze_all",

@@ -1,66 +1,17 @@
 """examples/run_image_classification.py end to end on tiny settings: phases, metrics, checkpoint, resume, upcycling."""
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from example_script import load_script, script_args
 
 
 pytest.importorskip("sklearn")
-
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "run_image_classification.py"
-
-TINY = [
-    "--canvas_size",
-    "32",
-    "--digit_copies",
-    "1",
-    "--max_train_samples",
-    "48",
-    "--max_eval_samples",
-    "24",
-    "--patch_size",
-    "8",
-    "--hidden_size",
-    "32",
-    "--num_hidden_layers",
-    "1",
-    "--num_attention_heads",
-    "2",
-    "--intermediate_size",
-    "32",
-    "--gate_hidden_size",
-    "16",
-    "--per_device_train_batch_size",
-    "8",
-    "--per_device_eval_batch_size",
-    "24",
-    "--eval_strategy",
-    "no",
-    "--logging_steps",
-    "1",
-    "--disable_tqdm",
-    "True",
-    "--use_cpu",
-    "True",
-    "--dataloader_num_workers",
-    "0",
-]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses with postponed annotations look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -68,24 +19,31 @@ def script():
     return load_script()
 
 
+@pytest.fixture
+def recorded_phases(script, monkeypatch):
+    """Records the arguments of every `run_phase` call (phase name -> TrainingArguments overrides, gate lr)."""
+    calls = {}
+    original = script.run_phase
+
+    def recording_run_phase(name, model, context, overrides, gate_learning_rate=None):
+        calls[name] = {**overrides, "gate_learning_rate": gate_learning_rate}
+        return original(name, model, context, overrides, gate_learning_rate)
+
+    monkeypatch.setattr(script, "run_phase", recording_run_phase)
+    return calls
+
+
 def test_default_run_phases_metrics_checkpoint_and_resume(script, tmp_path, capsys):
     out = tmp_path / "run"
-    args = TINY + [
-        "--output_dir",
-        str(out),
-        "--backbone_max_steps",
-        "2",
-        "--gate_only_max_steps",
-        "2",
-        "--max_steps",
-        "4",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "2",
-        "--save_total_limit",
-        "5",
-    ]
+    args = script_args(
+        out,
+        backbone_max_steps=2,
+        gate_only_max_steps=2,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=5,
+    )
     metrics = script.main(args)
     printed = capsys.readouterr().out
 
@@ -94,6 +52,23 @@ def test_default_run_phases_metrics_checkpoint_and_resume(script, tmp_path, caps
     assert 0.0 <= metrics["eval_fine_region_ratio"] <= 1.0
     assert "GMACs per image" in printed and "static backbone" in printed and str(out) in printed
     assert "from_pretrained" in printed and "trust_remote_code=True" in printed
+
+    # Where transformers' examples write them: train/eval/all results in --output_dir.
+    train_results = json.loads((out / "train_results.json").read_text())
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    all_results = json.loads((out / "all_results.json").read_text())
+    assert eval_results["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
+    assert all_results == {**train_results, **eval_results}
+    # The training-time (sampled-gate) compute is reported next to the evaluation's, and printed.
+    assert 0.0 <= train_results["train_fine_region_ratio"] <= 1.0
+    assert train_results["train_macs_fraction"] == pytest.approx(
+        train_results["train_gmacs"] / metrics["eval_static_gmacs"]
+    )
+    ratio_line = next(line for line in printed.splitlines() if line.strip().startswith("fine_region_ratio"))
+    assert f"{train_results['train_fine_region_ratio']:.3f}" in ratio_line
+    assert f"{metrics['eval_fine_region_ratio']:.3f}" in ratio_line
+    state = json.loads((out / "phase-joint" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert all("train_fine_region_ratio" in log for log in state["log_history"] if "loss" in log)
 
     files = set(os.listdir(out))
     assert {
@@ -118,9 +93,8 @@ def test_default_run_phases_metrics_checkpoint_and_resume(script, tmp_path, caps
     backbone = load_file(out / "phase-backbone" / "final" / "model.safetensors")
     torch.testing.assert_close(gate_phase["classifier.weight"], backbone["classifier.weight"])
     torch.testing.assert_close(gate_phase["msvit.embeddings.cls_token"], backbone["vit.embeddings.cls_token"])
-    assert not torch.equal(
-        gate_phase["msvit.embeddings.gate.layers.0.weight"], final["msvit.embeddings.gate.layers.0.weight"]
-    )
+    gate_key = "msvit.embeddings.gate.layers.0.weight"
+    assert not torch.allclose(gate_phase[gate_key], final[gate_key], rtol=0, atol=1e-6)  # the joint phase moved it
 
     # Interrupt the joint phase after its first checkpoint, then resume: completed phases are skipped, the joint phase
     # continues from checkpoint-2 and ends where the uninterrupted run ended.
@@ -142,7 +116,26 @@ def test_default_run_phases_metrics_checkpoint_and_resume(script, tmp_path, caps
     assert resumed_metrics["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
 
 
-def test_upcycle_from_local_vit_checkpoint(script, tmp_path):
+@pytest.mark.parametrize("model_type", ["msvit", "dit_routing"])
+def test_fresh_run_defaults_per_model_type(script, tmp_path, recorded_phases, model_type):
+    """Fresh runs take their backbone lr and gate lr from FRESH_MODEL_DEFAULTS; the joint phase trains the gates at
+    the gate lr (its own optimizer group), the rest at --learning_rate; command-line values win."""
+    canvas = 32 if model_type == "msvit" else 64
+    script.main(script_args(tmp_path / "a", model_type=model_type, canvas_size=canvas))
+    defaults = script.FRESH_MODEL_DEFAULTS[model_type]
+    assert recorded_phases["backbone"]["learning_rate"] == defaults.backbone_learning_rate
+    assert recorded_phases["gate"]["learning_rate"] == defaults.gate_learning_rate
+    assert recorded_phases["joint"]["gate_learning_rate"] == defaults.gate_learning_rate
+    assert script.FRESH_MODEL_DEFAULTS["dit_routing"].backbone_learning_rate < 1e-3  # PVTv2 stays at chance at 2e-3
+
+    recorded_phases.clear()
+    given = {"backbone_learning_rate": 1e-3, "gate_learning_rate": 5e-3}
+    script.main(script_args(tmp_path / "b", model_type=model_type, canvas_size=canvas, **given))
+    assert recorded_phases["backbone"]["learning_rate"] == 1e-3
+    assert recorded_phases["gate"]["learning_rate"] == recorded_phases["joint"]["gate_learning_rate"] == 5e-3
+
+
+def test_upcycle_from_local_vit_checkpoint(script, tmp_path, recorded_phases):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
@@ -160,27 +153,14 @@ def test_upcycle_from_local_vit_checkpoint(script, tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     out = tmp_path / "run"
     metrics = script.main(
-        TINY
-        + [
-            "--output_dir",
-            str(out),
-            "--model_name_or_path",
-            str(tmp_path / "vit"),
-            "--ignore_mismatched_sizes",
-            "True",
-            "--gbas_target_ratio",
-            "0.4",
-            "--gbas_gather_across_processes",
-            "True",
-            "--gate_only_max_steps",
-            "1",
-            "--max_steps",
-            "1",
-            "--save_strategy",
-            "no",
-            "--gradient_accumulation_steps",
-            "2",
-        ]
+        script_args(
+            out,
+            model_name_or_path=tmp_path / "vit",
+            ignore_mismatched_sizes=True,
+            gbas_target_ratio=0.4,
+            gbas_gather_across_processes=True,
+            gradient_accumulation_steps=2,
+        )
     )
     assert not (out / "phase-backbone").exists()
     config = json.loads((out / "config.json").read_text())
@@ -188,6 +168,7 @@ def test_upcycle_from_local_vit_checkpoint(script, tmp_path):
     assert config["gbas_target_ratio"] == 0.4 and config["gbas_gather_across_processes"] is True
     assert len(config["id2label"]) == 10
     assert "eval_gmacs" in metrics
+    assert recorded_phases["gate"]["learning_rate"] == script.CHECKPOINT_GATE_LEARNING_RATE
     # the backbone weights came from the ViT (the gate phase does not touch them)
     gate_phase = load_file(out / "phase-gate" / "final" / "model.safetensors")
     torch.testing.assert_close(gate_phase["msvit.embeddings.cls_token"], vit.vit.embeddings.cls_token.detach())
@@ -195,29 +176,13 @@ def test_upcycle_from_local_vit_checkpoint(script, tmp_path):
 
 def test_dit_fresh_and_from_local_pvt_v2(script, tmp_path):
     out = tmp_path / "dit"
-    metrics = script.main(
-        TINY
-        + [
-            "--output_dir",
-            str(out),
-            "--model_type",
-            "dit_routing",
-            "--canvas_size",
-            "64",
-            "--backbone_max_steps",
-            "1",
-            "--gate_only_max_steps",
-            "1",
-            "--max_steps",
-            "2",
-            "--save_strategy",
-            "no",
-        ]
-    )
+    metrics = script.main(script_args(out, model_type="dit_routing", canvas_size=64, max_steps=2))
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "dit_routing"
     assert "AutoModelForImageClassification" in config["auto_map"]
     assert "eval_gmacs" in metrics and "eval_token_keep_ratio" in metrics
+    train_results = json.loads((out / "train_results.json").read_text())
+    assert 0.0 < train_results["train_token_keep_ratio"] <= 1.0 and train_results["train_macs_fraction"] > 0
 
     from transformers import PvtV2Config, PvtV2ForImageClassification
 
@@ -232,25 +197,7 @@ def test_dit_fresh_and_from_local_pvt_v2(script, tmp_path):
     )
     pvt.save_pretrained(tmp_path / "pvt")
     out2 = tmp_path / "dit2"
-    metrics = script.main(
-        TINY
-        + [
-            "--output_dir",
-            str(out2),
-            "--model_name_or_path",
-            str(tmp_path / "pvt"),
-            "--canvas_size",
-            "64",
-            "--budget_target",
-            "0.8",
-            "--gate_only_max_steps",
-            "1",
-            "--max_steps",
-            "1",
-            "--save_strategy",
-            "no",
-        ]
-    )
+    metrics = script.main(script_args(out2, model_name_or_path=tmp_path / "pvt", canvas_size=64, budget_target=0.8))
     config = json.loads((out2 / "config.json").read_text())
     assert config["model_type"] == "dit_routing" and config["budget_target"] == 0.8
     assert "eval_token_keep_ratio" in metrics
@@ -268,28 +215,13 @@ def test_imagefolder_and_dataset_name(script, tmp_path):
             folder.mkdir(parents=True)
             for i in range(4):
                 Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    common = TINY + [
-        "--image_size",
-        "32",
-        "--backbone_max_steps",
-        "1",
-        "--gate_only_max_steps",
-        "1",
-        "--max_steps",
-        "1",
-        "--save_strategy",
-        "no",
-    ]
     metrics = script.main(
-        common
-        + [
-            "--output_dir",
-            str(tmp_path / "a"),
-            "--train_dir",
-            str(tmp_path / "images" / "train"),
-            "--validation_dir",
-            str(tmp_path / "images" / "val"),
-        ]
+        script_args(
+            tmp_path / "a",
+            image_size=32,
+            train_dir=tmp_path / "images" / "train",
+            validation_dir=tmp_path / "images" / "val",
+        )
     )
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["id2label"] == {"0": "cat", "1": "dog"} and "eval_accuracy" in metrics
@@ -300,15 +232,17 @@ def test_imagefolder_and_dataset_name(script, tmp_path):
     (tmp_path / "digits").mkdir()
     data["train"].select(range(40)).to_parquet(str(tmp_path / "digits" / "train.parquet"))
     metrics = script.main(
-        common
-        + [
-            "--output_dir",
-            str(tmp_path / "b"),
-            "--dataset_name",
-            str(tmp_path / "digits"),
-            "--train_val_split",
-            "0.25",
-        ]
+        script_args(tmp_path / "b", image_size=32, dataset_name=tmp_path / "digits", train_val_split=0.25)
     )
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert len(config["id2label"]) == 10 and "eval_fine_region_ratio" in metrics
+
+
+def test_several_cpu_processes_default_to_one_gloo_group(script, monkeypatch):
+    """Launched as several processes on a machine without GPU: CPU + gloo by default (else each process would train
+    alone on the full data); an explicit --use_cpu / --ddp_backend still wins."""
+    monkeypatch.setattr(script, "has_accelerator", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert script.launch_defaults() == {"use_cpu": True, "ddp_backend": "gloo"}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert script.launch_defaults() == {}

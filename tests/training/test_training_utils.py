@@ -1,13 +1,11 @@
-"""hf_msvit.training: metrics offline, stats next to logits, gate-only freezing, gradient accumulation scaling."""
+"""hf_msvit.training: metrics offline, compute next to logits, training-time compute in the logs, the gates' own
+learning rate, gate-only freezing, gradient accumulation scaling."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
-from _training_tiny import tiny_msvit, tiny_processor
-
-from hf_msvit import DiTConfig, DiTForImageClassification
 from hf_msvit.training import (
     DynamicComputeTrainer,
     ImageTransform,
@@ -17,6 +15,40 @@ from hf_msvit.training import (
     make_compute_metrics,
     unfreeze_all,
 )
+
+from tiny_models import tiny_dit, tiny_msvit, tiny_processor
+
+
+def image_dataset(processor, num_images=10, num_labels=3, size=32):
+    """Random RGB images with labels `i % num_labels`, transformed on the fly."""
+    from datasets import Dataset
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(num_images)]
+    data = Dataset.from_dict({"image": images, "label": [i % num_labels for i in range(num_images)]})
+    data.set_transform(ImageTransform(processor))
+    return data, images
+
+
+def trainer_for(model, tmp_path, train_dataset=None, eval_dataset=None, **kwargs):
+    args = TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        remove_unused_columns=False,
+        report_to="none",
+        use_cpu=True,
+        **kwargs,
+    )
+    return DynamicComputeTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_fn,
+        compute_metrics=make_compute_metrics("fine_region_ratio", model.static_macs()),
+    )
 
 
 def test_compute_metrics_offline_with_and_without_stats(monkeypatch):
@@ -37,35 +69,63 @@ def test_compute_metrics_offline_with_and_without_stats(monkeypatch):
 
 
 def test_evaluate_reports_macs_and_ratio_matching_the_model(tmp_path):
-    from datasets import Dataset
-    from PIL import Image
-
     model = tiny_msvit(num_labels=3).eval()
     processor = tiny_processor()
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(10)]
-    labels = [i % 3 for i in range(10)]
-    data = Dataset.from_dict({"image": images, "label": labels})
-    data.set_transform(ImageTransform(processor))
-    args = TrainingArguments(
-        str(tmp_path), per_device_eval_batch_size=4, remove_unused_columns=False, report_to="none", use_cpu=True
-    )
-    trainer = DynamicComputeTrainer(
-        model=model,
-        args=args,
-        eval_dataset=data,
-        data_collator=collate_fn,
-        compute_metrics=make_compute_metrics("fine_region_ratio", model.static_macs()),
-    )
-    metrics = trainer.evaluate()
+    data, images = image_dataset(processor)
+    metrics = trainer_for(model, tmp_path, eval_dataset=data).evaluate()
     pixel_values = processor(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model(pixel_values)
     assert metrics["eval_gmacs"] == pytest.approx(out.macs.mean().item() / 1e9, rel=1e-5)
     assert metrics["eval_fine_region_ratio"] == pytest.approx(out.fine_region_mask.float().mean().item(), abs=1e-6)
-    expected_acc = (out.logits.argmax(-1) == torch.tensor(labels)).float().mean().item()
+    labels = torch.tensor([data[i]["labels"] for i in range(len(data))])
+    expected_acc = (out.logits.argmax(-1) == labels).float().mean().item()
     assert metrics["eval_accuracy"] == pytest.approx(expected_acc)
     assert metrics["eval_static_gmacs"] == pytest.approx(model.static_macs() / 1e9)
+
+
+def test_training_logs_the_compute_of_the_training_forward_passes(tmp_path):
+    """Every training log carries the mean token ratio, GMACs and MACs fraction of the forward passes since the
+    previous log (gates sampled as in training), and `train()`'s metrics those of the last window."""
+    model = tiny_msvit(num_labels=3)
+    data, _ = image_dataset(tiny_processor(), num_images=16)
+    outputs = []
+    model.register_forward_hook(lambda module, inputs, output: outputs.append(output) if module.training else None)
+    trainer = trainer_for(model, tmp_path, train_dataset=data, max_steps=4, logging_steps=2)
+    result = trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and len(outputs) == 4
+    static_gmacs = model.static_macs() / 1e9
+    for log, window in zip(logs, (outputs[:2], outputs[2:])):
+        ratio = torch.cat([o.fine_region_mask.flatten(1).float().mean(1) for o in window]).mean().item()
+        gmacs = torch.cat([o.macs for o in window]).mean().item() / 1e9
+        assert log["train_fine_region_ratio"] == pytest.approx(ratio)
+        assert log["train_gmacs"] == pytest.approx(gmacs, rel=1e-6)
+        assert log["train_macs_fraction"] == pytest.approx(gmacs / static_gmacs, rel=1e-6)
+    assert result.metrics["train_fine_region_ratio"] == logs[-1]["train_fine_region_ratio"]
+    eval_logs = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert all("train_fine_region_ratio" not in log for log in eval_logs)
+
+
+def test_gates_train_at_their_own_learning_rate(tmp_path):
+    """With `gate_learning_rate` the gate parameters form their own optimizer groups (same weight decay split),
+    every other parameter keeps `learning_rate`, and the scheduler decays both."""
+    model = tiny_msvit(num_labels=3)
+    data, _ = image_dataset(tiny_processor(), num_images=8)
+    trainer = trainer_for(model, tmp_path, train_dataset=data, learning_rate=1e-4, weight_decay=0.1, max_steps=2)
+    trainer.gate_learning_rate = 1e-2
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    gate_ids = {id(p) for name, p in model.named_parameters() if name in set(gate_parameter_names(model))}
+    groups = [group for group in trainer.optimizer.param_groups if group["params"]]
+    for group in groups:
+        is_gate = {id(p) in gate_ids for p in group["params"]}
+        assert len(is_gate) == 1, "a group mixes gate and other parameters"
+        assert group["lr"] == (1e-2 if is_gate.pop() else 1e-4)
+    assert {group["weight_decay"] for group in groups} == {0.0, 0.1}
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    assert sorted({group["lr"] for group in groups}) == [1e-4 / 2, 1e-2 / 2]  # linear decay, 1 of 2 steps
 
 
 def test_transform_has_no_flip_and_maps_labels():
@@ -97,16 +157,7 @@ def test_freeze_all_but_gates_msvit():
 
 
 def test_freeze_all_but_gates_dit():
-    config_class, model_class = DiTConfig, DiTForImageClassification
-    model = model_class(
-        config_class(
-            image_size=64,
-            hidden_sizes=[8, 16, 16, 32],
-            depths=[1, 1, 1, 1],
-            num_attention_heads=[1, 1, 1, 1],
-            num_labels=3,
-        )
-    )
+    model = tiny_dit()
     names = freeze_all_but_gates(model)
     assert names and all("gates." in n for n in names), names
     assert not model.classifier.weight.requires_grad

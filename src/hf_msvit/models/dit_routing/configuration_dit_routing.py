@@ -151,8 +151,9 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         for name in PER_SCALE_FIELDS[:-1]:
             setattr(self, name, [int(v) for v in getattr(self, name)])
         self.mlp_ratios = list(self.mlp_ratios)
-        # Every checkpoint names all our classes, so `AutoModel`/`AutoBackbone` also load a classification checkpoint
-        # with trust_remote_code=True (saving only adds the class being saved).
+        # The one place that writes `auto_map`: every checkpoint names all our classes, so `AutoModel`/`AutoBackbone`
+        # also load a classification checkpoint with trust_remote_code=True. (`register_for_auto_class` in the modeling
+        # file only makes `save_pretrained` copy the code; it adds no entry beyond these.)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         # Checked here as well as by `@strict` so that building a bad config raises a plain `ValueError`.
@@ -223,8 +224,5 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         """Column of the one stage per scale that the static (PVTv2) route runs: stage `i` at column `i`."""
         return list(range(self.num_encoder_blocks))
 
-
-# Saving copies this file next to the weights (remote code for people without hf_msvit).
-DiTConfig.register_for_auto_class()
 
 __all__ = ["DiTConfig"]

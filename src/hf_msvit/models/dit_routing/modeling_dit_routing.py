@@ -1008,7 +1008,7 @@ class DiTBackbone(BackboneMixin, DiTModel):
         )
 
 
-# Saving copies the model files next to the weights, so checkpoints load with trust_remote_code=True without hf_msvit.
+# `save_pretrained` copies the code next to the weights (remote code); the config's AUTO_MAP names the classes.
 DiTModel.register_for_auto_class("AutoModel")
 DiTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 DiTBackbone.register_for_auto_class("AutoBackbone")

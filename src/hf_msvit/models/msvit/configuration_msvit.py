@@ -186,8 +186,9 @@ class MSViTConfig(PreTrainedConfig):
         self.pooler_output_size = self.pooler_output_size if self.pooler_output_size else self.hidden_size
         if self.gate_hidden_size is None:
             self.gate_hidden_size = self.default_gate_hidden_size()
-        # Every checkpoint names all our classes, so `AutoModel` also loads a classification checkpoint with
-        # trust_remote_code=True (saving only adds the class being saved).
+        # The one place that writes `auto_map`: every checkpoint names all our classes, so `AutoModel` also loads a
+        # classification checkpoint with trust_remote_code=True. (`register_for_auto_class` in the modeling file only
+        # makes `save_pretrained` copy the code; it adds no entry beyond these.)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         # Checked here as well as by `@strict` so that building a bad config raises a plain `ValueError`.
@@ -293,8 +294,5 @@ class MSViTConfig(PreTrainedConfig):
         height, width = self.image_hw
         return height // self.patch_size, width // self.patch_size
 
-
-# Saving copies this file next to the weights (remote code for people without hf_msvit).
-MSViTConfig.register_for_auto_class()
 
 __all__ = ["MSViTConfig"]

@@ -869,7 +869,7 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         return self.msvit.static_macs(fine) + head
 
 
-# Saving copies the model files next to the weights, so checkpoints load with trust_remote_code=True without hf_msvit.
+# `save_pretrained` copies the code next to the weights (remote code); the config's AUTO_MAP names the classes.
 MSViTModel.register_for_auto_class("AutoModel")
 MSViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
