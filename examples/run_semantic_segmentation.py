@@ -46,6 +46,7 @@ locally by `hf_msvit.data`). Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -85,6 +86,7 @@ from hf_msvit.segmentation import (
 )
 from hf_msvit.training import freeze_all_but_gates, unfreeze_all
 
+
 logger = logging.getLogger(__name__)
 
 PVT_STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -95,12 +97,14 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A ViT checkpoint (upcycled to MSViT), a PVTv2 checkpoint (upcycled to DiT + UperNet), or an MSViT / "
-            "UperNet-on-DiT segmentation checkpoint to train further. Without it the backbone starts from scratch."
+            "help": "A ViT checkpoint (upcycled to MSViT), a PVTv2 checkpoint (upcycled to DiT + UperNet), or an "
+            "MSViT / UperNet-on-DiT segmentation checkpoint to train further. Without it the backbone starts from "
+            "scratch."
         },
     )
     model_type: str = field(
-        default="msvit", metadata={"help": "Model for a fresh start: msvit or dit_routing.", "choices": ["msvit", "dit_routing"]}
+        default="msvit",
+        metadata={"help": "Model for a fresh start: msvit or dit_routing.", "choices": ["msvit", "dit_routing"]},
     )
     image_processor_name: str | None = field(default=None, metadata={"help": "Image processor if not the model's."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloaded checkpoints."})
@@ -108,7 +112,7 @@ class ModelArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token for private checkpoints."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the Hub."})
     # dynamic compute
-    gbas_target_ratio: float = field(default=0.3, metadata={"help": "MSViT: target fraction of regions tokenized fine."})
+    gbas_target_ratio: float = field(default=0.3, metadata={"help": "MSViT: target fraction of fine regions."})
     gbas_loss_weight: float = field(default=5.0, metadata={"help": "MSViT: weight of the GBaS loss."})
     gbas_hyperprior_std: float = field(default=0.05, metadata={"help": "MSViT: spread allowed around the target."})
     gate_hidden_size: int = field(default=64, metadata={"help": "MSViT: width of the gate MLP."})
@@ -165,21 +169,22 @@ class ScriptTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # Data
 
 
 def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
     """`(DatasetDict with train/validation, id2label, dataset name or None)`; columns `image` and `label`."""
     if data_args.dataset_name is None:
-        dataset = builtin_data.load_digits_on_canvas_segmentation(
-            canvas_size=data_args.canvas_size, copies=data_args.digit_copies
-        )
+        dataset = datasets.DatasetDict(builtin_segmentation_data(data_args.canvas_size, data_args.digit_copies))
         id2label = dict(enumerate(builtin_data.SEGMENTATION_LABELS))
         name = builtin_data.DATASET_NAME
     else:
         dataset = datasets.load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
         )
         for old, new in (("pixel_values", "image"), ("annotation", "label")):
             if old in dataset["train"].column_names:
@@ -192,6 +197,12 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         if limit is not None:
             dataset[split_name] = dataset[split_name].select(range(min(limit, len(dataset[split_name]))))
     return dataset, id2label, name
+
+
+@functools.lru_cache(maxsize=2)
+def builtin_segmentation_data(canvas_size: int, copies: int) -> datasets.DatasetDict:
+    """The built-in data, generated once per process (the study runs this script several times in one process)."""
+    return builtin_data.load_digits_on_canvas_segmentation(canvas_size=canvas_size, copies=copies)
 
 
 def hub_id2label(dataset_name: str, model_args: ModelArguments) -> dict[int, str]:
@@ -208,7 +219,7 @@ def hub_id2label(dataset_name: str, model_args: ModelArguments) -> dict[int, str
         return {int(key): value for key, value in json.load(handle).items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -269,7 +280,9 @@ def fresh_static_model(model_args: ModelArguments, labels: dict, image_size: int
 
 def upernet(backbone_config, model_args: ModelArguments, labels: dict) -> UperNetForSemanticSegmentation:
     channels = model_args.upernet_hidden_size
-    config = UperNetConfig(backbone_config=backbone_config, hidden_size=channels, auxiliary_channels=channels, **labels)
+    config = UperNetConfig(
+        backbone_config=backbone_config, hidden_size=channels, auxiliary_channels=channels, **labels
+    )
     return UperNetForSemanticSegmentation(config)
 
 
@@ -294,14 +307,14 @@ def image_processor_for(model, source=None, image_size: int | None = None):
     return processor_class(size={"height": height, "width": width}, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # Phases
 
 
 @dataclass
 class Phase:
-    """One Trainer run: its name (folder `phase-<name>`), `TrainingArguments` overrides, and whether the MSViT runs with
-    every region forced fine (the static ViT)."""
+    """One Trainer run: its name (folder `phase-<name>`), `TrainingArguments` overrides, and whether the MSViT runs
+    with every region forced fine (the static ViT)."""
 
     name: str
     overrides: dict
@@ -366,7 +379,7 @@ def train_static_then_dynamic(model, is_static, model_args, training_args, split
     return model, trainer, static_metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # Main
 
 

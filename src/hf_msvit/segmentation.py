@@ -17,7 +17,7 @@
   dynamic backbone's auxiliary loss (DiT's budget loss, MSViT's GBaS loss), and whose output says what each image cost.
   transformers' UperNet drops everything but the backbone's feature maps, so without it the gates would train on the
   pixel loss alone and drift away from their compute target.
-- `SegmentationTransform` / `SegmentationCollator`: image + label map -> `pixel_values` + `labels` (PIL, no torchvision).
+- `SegmentationTransform` / `SegmentationCollator`: image + label map -> `pixel_values` + `labels` (no torchvision).
 - `SegmentationTrainer` / `SegmentationMetrics`: evaluation image by image into a confusion matrix (mean IoU, per-class
   accuracy, computed here: no metric download), plus mean GMACs per image and the token ratio.
 - `build_segmentation_model_card`: the card pushed with `--push_to_hub`.
@@ -39,6 +39,7 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils.generic import can_return_tuple
 
 from .training import dynamic_compute_stats
+
 
 # Backbone output field -> backbone config field holding its weight in the training loss.
 AUXILIARY_LOSS_WEIGHTS = {"gate_loss": "gbas_loss_weight", "budget_loss": "budget_loss_weight"}
@@ -64,7 +65,7 @@ class DynamicSegmenterOutput(SemanticSegmenterOutput):
 
 
 def backbone_auxiliary_loss(backbone_outputs, backbone_config) -> torch.Tensor | None:
-    """The backbone's auxiliary losses (`AUXILIARY_LOSS_WEIGHTS`), each times its config weight; None if it has none."""
+    """The backbone's auxiliary losses (`AUXILIARY_LOSS_WEIGHTS`), each times its config weight; None if none."""
     terms = [
         getattr(backbone_config, weight_name) * backbone_outputs[name]
         for name, weight_name in AUXILIARY_LOSS_WEIGHTS.items()
@@ -97,7 +98,8 @@ def _record_backbone_and_head(model: UperNetForSemanticSegmentation):
         record.head_macs += conv_macs_per_image(module, output)
 
     handles = [model.backbone.register_forward_hook(keep_backbone_output)]
-    handles += [m.register_forward_hook(add_conv_macs) for m in model.decode_head.modules() if isinstance(m, nn.Conv2d)]
+    convolutions = [module for module in model.decode_head.modules() if isinstance(module, nn.Conv2d)]
+    handles += [module.register_forward_hook(add_conv_macs) for module in convolutions]
     try:
         yield record
     finally:
@@ -221,7 +223,7 @@ class SegmentationTrainer(Trainer):
         return loss, (outputs["logits"].argmax(1), stats.detach()), labels
 
 
-def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_labels: int, ignore_index: int) -> torch.Tensor:
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_labels: int, ignore_index: int):
     """`(num_labels, num_labels)` counts, rows the true class, columns the predicted one; `ignore_index` pixels left
     out (as are labels outside `[0, num_labels)`)."""
     labels, predicted = labels.reshape(-1).long(), predicted.reshape(-1).long()
@@ -290,41 +292,79 @@ class SegmentationMetrics:
 # Model card
 
 
-def build_segmentation_model_card(model, repo_id: str, eval_metrics: dict, dataset_name: str | None = None,
-                                  base_model: str | None = None) -> ModelCard:  # fmt: skip
-    """A `ModelCard` for a segmentation model trained by `examples/run_semantic_segmentation.py`: metadata with a
-    `model-index` (mean IoU), usage code, and the table of evaluation metrics (mIoU, accuracies, GMACs, token ratio)."""
+CARD_METRICS = ("mean_iou", "mean_accuracy", "overall_accuracy", "gmacs", "fine_region_ratio", "token_keep_ratio")
+
+CARD_TEMPLATE = """# {name}
+
+Semantic segmentation: {architecture} (`hf_msvit`), {origin}, trained with `examples/run_semantic_segmentation.py`.
+
+```python
+{usage}
+```
+
+## Evaluation ({dataset}, validation split)
+
+| metric | value |
+|---|---|
+{rows}
+
+GMACs per image are analytic counts of what each image computed (the upsampling of the logits is not counted). The
+token ratio is MSViT's fraction of regions tokenized fine, or DiT's fraction of tokens computed.
+"""
+
+
+def _usage_code(model, repo_id: str) -> str:
+    if isinstance(model, UperNetForSemanticSegmentation):  # transformers' UperNet: our backbone must be registered
+        return (
+            "import hf_msvit  # registers the backbone config and class\n"
+            "from transformers import UperNetForSemanticSegmentation\n\n"
+            f"model = UperNetForSemanticSegmentation.from_pretrained({repo_id!r})"
+        )
+    return (
+        "from transformers import AutoModelForSemanticSegmentation\n\n"
+        f"model = AutoModelForSemanticSegmentation.from_pretrained({repo_id!r}, trust_remote_code=True)"
+    )
+
+
+def build_segmentation_model_card(
+    model, repo_id: str, eval_metrics: dict, dataset_name: str | None = None, base_model: str | None = None
+) -> ModelCard:
+    """A `ModelCard` for a model of `examples/run_semantic_segmentation.py`: metadata with a `model-index` (mean IoU),
+    usage code and the evaluation metrics (`eval_*` keys of `eval_metrics`: mIoU, accuracies, GMACs, token ratio)."""
     model = getattr(model, "module", model)
     is_upernet = isinstance(model, UperNetForSemanticSegmentation)
-    family = model.config.backbone_config.model_type if is_upernet else model.config.model_type
-    metrics = {key.removeprefix("eval_"): value for key, value in (eval_metrics or {}).items()}
-    rows = [f"| {name} | {metrics[name]:.4g} |" for name in ("mean_iou", "mean_accuracy", "overall_accuracy", "gmacs",
-                                                             "fine_region_ratio", "token_keep_ratio") if name in metrics]
-    load = ("import hf_msvit  # registers the backbone config (needed: UperNet's backbone is ours)\n"
-            "from transformers import UperNetForSemanticSegmentation\n"
-            f"model = UperNetForSemanticSegmentation.from_pretrained({repo_id!r})" if is_upernet else
-            "from transformers import AutoModelForSemanticSegmentation\n"
-            f"model = AutoModelForSemanticSegmentation.from_pretrained({repo_id!r}, trust_remote_code=True)")
-    body = "\n".join([
-        f"# {repo_id.split('/')[-1]}", "",
-        f"Semantic segmentation with {'UperNet on a ' + family if is_upernet else 'MSViT (linear decoder)'} backbone "
-        "(`hf_msvit`), trained with `examples/run_semantic_segmentation.py`"
-        + (f" from `{base_model}`." if base_model else " from a small static backbone trained from scratch."), "",
-        "```python", load, "```", "", "## Evaluation", "", "| metric | value |", "|---|---|", *rows, "",
-        "GMACs per image are analytic counts of what each image computed (upsampling of the logits not counted).", "",
-    ])  # fmt: skip
-    eval_results = None
+    family = (model.config.backbone_config if is_upernet else model.config).model_type
+    metrics = {key.removeprefix("eval_"): value for key, value in eval_metrics.items() if key.startswith("eval_")}
+    body = CARD_TEMPLATE.format(
+        name=repo_id.split("/")[-1],
+        architecture=f"UperNet on a `{family}` backbone" if is_upernet else "MSViT with a linear decoder",
+        origin=f"upcycled from `{base_model}`" if base_model else "upcycled from a static backbone trained here",
+        usage=_usage_code(model, repo_id),
+        dataset=dataset_name or "custom data",
+        rows="\n".join(f"| {name} | {metrics[name]:.4g} |" for name in CARD_METRICS if name in metrics),
+    )
+    results = None
     if "mean_iou" in metrics:
-        eval_results = [EvalResult(task_type="image-segmentation", dataset_type=dataset_name or "imagefolder",
-                                   dataset_name=dataset_name or "custom", metric_type="mean_iou",
-                                   metric_value=float(metrics["mean_iou"]))]  # fmt: skip
-    local = base_model is not None and os.path.isdir(base_model)
+        results = [
+            EvalResult(
+                task_type="image-segmentation",
+                dataset_type=dataset_name or "custom",
+                dataset_name=dataset_name or "custom",
+                metric_type="mean_iou",
+                metric_value=float(metrics["mean_iou"]),
+            )
+        ]
     card_data = ModelCardData(
-        library_name="transformers", pipeline_tag="image-segmentation", license="apache-2.0",
-        tags=["vision", "image-segmentation", "hf_msvit", family], metrics=["mean_iou"],
-        datasets=[dataset_name] if dataset_name else None, base_model=None if local else base_model,
-        model_name=repo_id.split("/")[-1], eval_results=eval_results,
-    )  # fmt: skip
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        license="apache-2.0",
+        tags=["vision", "image-segmentation", "hf_msvit", family],
+        datasets=[dataset_name] if dataset_name else None,
+        metrics=["mean_iou"],
+        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=results,
+    )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 
