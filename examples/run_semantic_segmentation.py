@@ -111,14 +111,18 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Checkpoint version (branch, tag or commit id)."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private checkpoints."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the Hub."})
-    # dynamic compute
-    gbas_target_ratio: float = field(default=0.3, metadata={"help": "MSViT: target fraction of fine regions."})
-    gbas_loss_weight: float = field(default=5.0, metadata={"help": "MSViT: weight of the GBaS loss."})
-    gbas_hyperprior_std: float = field(default=0.05, metadata={"help": "MSViT: spread allowed around the target."})
-    gate_hidden_size: int = field(default=64, metadata={"help": "MSViT: width of the gate MLP."})
-    gate_input: str = field(default="embeddings", metadata={"help": "MSViT: gate on `pixels` or coarse `embeddings`."})
-    budget_target: float = field(default=0.7, metadata={"help": "DiT: target compute relative to the static PVTv2."})
-    budget_loss_weight: float = field(default=1.0, metadata={"help": "DiT: weight of the budget loss."})
+    # dynamic compute (defaults in GATE_DEFAULTS / BUDGET_DEFAULTS; a checkpoint's own values unless given)
+    gbas_target_ratio: float | None = field(default=None, metadata={"help": "MSViT: target fraction of fine regions."})
+    gbas_loss_weight: float | None = field(default=None, metadata={"help": "MSViT: weight of the GBaS loss."})
+    gbas_hyperprior_std: float | None = field(default=None, metadata={"help": "MSViT: spread around the target."})
+    gate_hidden_size: int | None = field(default=None, metadata={"help": "MSViT: width of the gate MLP."})
+    gate_input: str | None = field(default=None, metadata={"help": "MSViT: gate on `pixels` or coarse `embeddings`."})
+    reinit_gates: bool = field(
+        default=False,
+        metadata={"help": "MSViT checkpoint: start a new gate (e.g. upcycle a --static_only run at another target)."},
+    )
+    budget_target: float | None = field(default=None, metadata={"help": "DiT: target compute relative to PVTv2."})
+    budget_loss_weight: float | None = field(default=None, metadata={"help": "DiT: weight of the budget loss."})
     # fresh backbone and heads
     image_size: int | None = field(default=None, metadata={"help": "Input size (default: the canvas size, else 224)."})
     patch_size: int = field(default=8, metadata={"help": "Fresh ViT: fine patch size (coarse regions: twice that)."})
@@ -223,42 +227,86 @@ def hub_id2label(dataset_name: str, model_args: ModelArguments) -> dict[int, str
 # Models
 
 
-def msvit_gate_settings(model_args: ModelArguments) -> dict:
-    names = ("gbas_target_ratio", "gbas_loss_weight", "gbas_hyperprior_std", "gate_hidden_size", "gate_input")
-    return {name: getattr(model_args, name) for name in names}
+# Settings of the gates for models built here (fresh or upcycled from ViT / PVTv2). A small gate for a small
+# backbone, a target that fits the built-in data (a digit covers a fifth of the canvas or less), and a strong GBaS with
+# a tight hyperprior (as the classification example). With an MSViT / DiT checkpoint only the values given apply.
+GATE_DEFAULTS = {
+    "gbas_target_ratio": 0.3, "gbas_loss_weight": 5.0, "gbas_hyperprior_std": 0.05, "gate_hidden_size": 64,
+    "gate_input": "embeddings",
+}  # fmt: skip
+BUDGET_DEFAULTS = {"budget_target": 0.7, "budget_loss_weight": 1.0}
+GATE_PREFIXES = ("msvit.embeddings.gate.", "msvit.batch_shaping.")
+
+
+def given_settings(model_args: ModelArguments, defaults: dict) -> dict:
+    """The fields of `defaults` that were given on the command line."""
+    return {name: getattr(model_args, name) for name in defaults if getattr(model_args, name) is not None}
+
+
+def settings(model_args: ModelArguments, defaults: dict) -> dict:
+    return {**defaults, **given_settings(model_args, defaults)}
 
 
 def build_start_model(model_args: ModelArguments, id2label: dict, image_size: int):
-    """`(model, is_static, source image processor or None)`: the static model of phase 1 (MSViT seg model or UperNet on
-    PVTv2), or an MSViT / UperNet-on-DiT checkpoint to continue (not static)."""
+    """`(model, is_static, source image processor or None)`: the static model of phase 1 (an MSViT with every region
+    forced fine, or UperNet on PVTv2), or an MSViT / UperNet-on-DiT checkpoint to continue (not static)."""
     labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    path = model_args.model_name_or_path
-    if path is None:
+    if model_args.model_name_or_path is None:
         return fresh_static_model(model_args, labels, image_size), True, None
     hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code, **hub)
+    remote = {"trust_remote_code": model_args.trust_remote_code, **hub}
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **remote)
     try:
-        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code, **hub)
+        source = model_args.image_processor_name or model_args.model_name_or_path
+        processor = AutoImageProcessor.from_pretrained(source, **remote)
     except (OSError, ValueError):
         processor = None
+    model, is_static = load_checkpoint_model(model_args, config, labels, hub)
+    return model, is_static, processor
+
+
+def load_checkpoint_model(model_args: ModelArguments, config, labels: dict, hub: dict):
+    """`(model, is_static)` for `--model_name_or_path` (see `ModelArguments.model_name_or_path`)."""
+    path = model_args.model_name_or_path
     if config.model_type == "vit":
+        gates = settings(model_args, GATE_DEFAULTS)
         model = MSViTForSemanticSegmentation.from_vit_pretrained(
-            path, **labels, coarse_patch_size=2 * config.patch_size, **msvit_gate_settings(model_args)
+            path, **labels, coarse_patch_size=2 * config.patch_size, **gates
         )
-        return model, True, processor
+        return model, True
     if config.model_type == "pvt_v2":
         pvt_config = PvtV2Config.from_pretrained(path, out_features=PVT_STAGES, **hub)
         model = upernet(pvt_config, model_args, labels)
         model.backbone.load_state_dict(PvtV2Backbone.from_pretrained(path, config=pvt_config, **hub).state_dict())
-        return model, True, processor
+        return model, True
     if config.model_type == "msvit":
-        return MSViTForSemanticSegmentation.from_pretrained(path, **labels, **hub), False, processor
+        for name, value in {**labels, **given_settings(model_args, GATE_DEFAULTS)}.items():
+            setattr(config, name, value)
+        return load_msvit_checkpoint(path, config, model_args.reinit_gates, hub), False
+    if config.model_type == "upernet" and config.backbone_config.model_type == "pvt_v2":  # a --static_only run
+        return UperNetForSemanticSegmentation.from_pretrained(path, **hub), True
     if config.model_type == "upernet":
-        return DynamicUperNetForSemanticSegmentation.from_pretrained(path, **hub), False, processor
+        for name, value in given_settings(model_args, BUDGET_DEFAULTS).items():
+            setattr(config.backbone_config, name, value)
+        return DynamicUperNetForSemanticSegmentation.from_pretrained(path, config=config, **hub), False
     raise ValueError(
         f"--model_name_or_path {path!r} has model_type {config.model_type!r}; expected 'vit' (upcycled to MSViT), "
         "'pvt_v2' (upcycled to DiT), 'msvit' or 'upernet' (a checkpoint of this script)."
     )
+
+
+def load_msvit_checkpoint(path: str, config, reinit_gates: bool, hub: dict) -> MSViTForSemanticSegmentation:
+    """An MSViT segmentation checkpoint with `config`; with `reinit_gates` every weight but the gate and the GBaS
+    priors, which start anew at `config`'s target (upcycling a static-phase checkpoint)."""
+    if not reinit_gates:
+        return MSViTForSemanticSegmentation.from_pretrained(path, config=config, **hub)
+    source = MSViTForSemanticSegmentation.from_pretrained(path, **hub)
+    model = MSViTForSemanticSegmentation(config)
+    weights = {key: value for key, value in source.state_dict().items() if not key.startswith(GATE_PREFIXES)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not key.startswith(GATE_PREFIXES) for key in missing):
+        raise ValueError(f"{path} does not fit the MSViT config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    return model
 
 
 def fresh_static_model(model_args: ModelArguments, labels: dict, image_size: int):
@@ -268,7 +316,7 @@ def fresh_static_model(model_args: ModelArguments, labels: dict, image_size: int
             image_size=image_size, patch_size=model_args.patch_size, coarse_patch_size=2 * model_args.patch_size,
             hidden_size=model_args.hidden_size, num_hidden_layers=model_args.num_hidden_layers,
             num_attention_heads=model_args.num_attention_heads, intermediate_size=model_args.intermediate_size,
-            **msvit_gate_settings(model_args), **labels,
+            **settings(model_args, GATE_DEFAULTS), **labels,
         )  # fmt: skip
         return MSViTForSemanticSegmentation(config)
     pvt_config = PvtV2Config(
@@ -290,10 +338,8 @@ def upcycle(model, model_args: ModelArguments):
     """The dynamic model of phases 2-3: an MSViT as it is (its gate now decides), a UperNet on PVTv2 -> on DiT."""
     if isinstance(model, (MSViTForSemanticSegmentation, DynamicUperNetForSemanticSegmentation)):
         return model
-    backbone = DiTBackbone.from_pvt_v2_pretrained(
-        model.backbone, out_features=PVT_STAGES, budget_target=model_args.budget_target,
-        budget_loss_weight=model_args.budget_loss_weight,
-    )  # fmt: skip
+    budget = settings(model_args, BUDGET_DEFAULTS)
+    backbone = DiTBackbone.from_pvt_v2_pretrained(model.backbone, out_features=PVT_STAGES, **budget)
     return DynamicUperNetForSemanticSegmentation.from_backbone(backbone, heads_from=model)
 
 
