@@ -55,3 +55,33 @@ def test_example_trains_msvit_and_dit_on_the_builtin_data(tmp_path):
             assert type(model) is UperNetForSemanticSegmentation and isinstance(model.backbone, DiTBackbone)
         with torch.no_grad():
             assert model(torch.randn(1, 3, 32, 32)).logits.shape == (1, 11, 32, 32)
+
+
+def test_push_to_hub_uploads_the_model_folder_with_a_card(tmp_path):
+    """`--push_to_hub`: one `upload_folder` of the output folder (phase folders left out); the Hub API is mocked."""
+    from unittest import mock
+
+    import huggingface_hub
+    from transformers import TrainingArguments
+
+    from hf_msvit import MSViTConfig, MSViTImageProcessor
+
+    script = load_script()
+    config = MSViTConfig(image_size=32, patch_size=8, coarse_patch_size=16, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, gate_hidden_size=16, num_labels=3)  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="me/msvit-seg", report_to="none")
+    calls = []
+    created = mock.Mock(repo_id="me/msvit-seg")
+    with mock.patch.multiple(
+        huggingface_hub.HfApi,
+        create_repo=lambda self, repo_id, **kwargs: created,
+        upload_folder=lambda self, **kwargs: calls.append(kwargs) or "https://hub/commit",
+    ):
+        script.save_and_push(MSViTForSemanticSegmentation(config), MSViTImageProcessor(), args,
+                             {"eval_mean_iou": 0.5, "eval_gmacs": 0.01}, "hf-msvit/digits-on-canvas", None)  # fmt: skip
+    assert len(calls) == 1 and calls[0]["repo_id"] == "me/msvit-seg"
+    assert calls[0]["folder_path"] == str(tmp_path) and "phase-*" in calls[0]["ignore_patterns"]
+    files = {path.name for path in tmp_path.iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_msvit.py", "README.md"} <= files
+    card = (tmp_path / "README.md").read_text()
+    assert "| mean_iou | 0.5 |" in card and "trust_remote_code=True" in card
