@@ -71,6 +71,10 @@ class MSViTForSemanticSegmentationCommonTest(ModelTesterMixin, unittest.TestCase
     def setUp(self):
         self.model_tester = MSViTSegmentationTester(self)
 
+    def test_reverse_loading_mapping(self):
+        # MSViT's registered conversion reshapes old checkpoints' gate bias; it renames no key.
+        super().test_reverse_loading_mapping(check_keys_were_modified=False)
+
     @unittest.skip(reason="MSViT takes pixel_values, not inputs_embeds")
     def test_inputs_embeds(self):
         pass
