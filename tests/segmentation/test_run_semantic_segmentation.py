@@ -77,8 +77,9 @@ def test_push_to_hub_uploads_the_model_folder_with_a_card(tmp_path):
         create_repo=lambda self, repo_id, **kwargs: created,
         upload_folder=lambda self, **kwargs: calls.append(kwargs) or "https://hub/commit",
     ):
-        script.save_and_push(MSViTForSemanticSegmentation(config), MSViTImageProcessor(), args,
-                             {"eval_mean_iou": 0.5, "eval_gmacs": 0.01}, "hf-msvit/digits-on-canvas", None)  # fmt: skip
+        metrics = {"eval_mean_iou": 0.5, "eval_gmacs": 0.01}
+        model, processor = MSViTForSemanticSegmentation(config), MSViTImageProcessor()
+        script.save_and_push(model, processor, args, metrics, "hf-msvit/digits-on-canvas", None)
     assert len(calls) == 1 and calls[0]["repo_id"] == "me/msvit-seg"
     assert calls[0]["folder_path"] == str(tmp_path) and "phase-*" in calls[0]["ignore_patterns"]
     files = {path.name for path in tmp_path.iterdir()}
