@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageClassification
 
-from hf_msvit import DiTBackbone, DiTModel, MSViTModel
+from hf_msvit import DiTBackbone, DiTModel, MSViTBackbone, MSViTForSemanticSegmentation, MSViTModel
 
 from remote_code import run_without_hf_msvit
 from tiny_models import tiny_dit, tiny_msvit, tiny_processor
@@ -36,9 +36,12 @@ MSVIT = Family(
         "AutoConfig": "configuration_msvit.MSViTConfig",
         "AutoModel": "modeling_msvit.MSViTModel",
         "AutoModelForImageClassification": "modeling_msvit.MSViTForImageClassification",
+        "AutoModelForSemanticSegmentation": "modeling_msvit.MSViTForSemanticSegmentation",
+        "AutoBackbone": "modeling_msvit.MSViTBackbone",
     },
     base_class=MSViTModel,
     extra_outputs=("num_tokens",),
+    extra_classes={"AutoModelForSemanticSegmentation": MSViTForSemanticSegmentation, "AutoBackbone": MSViTBackbone},
 )
 DIT = Family(
     model_type="dit_routing",
@@ -120,7 +123,7 @@ def test_checkpoint_loads_without_hf_msvit(family, tmp_path):
         assert type(AutoModel.from_pretrained(path, trust_remote_code=True)).__name__ == {family.base_class.__name__!r}
         for auto_name, class_name in {extra_classes!r}.items():
             config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-            config.out_features = ["stage1", "stage2", "stage3", "stage4"]
+            config.out_features = config.stage_names[1:]
             extra = getattr(transformers, auto_name).from_config(config, trust_remote_code=True)
             assert type(extra).__name__ == class_name, type(extra)
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True)

@@ -1,8 +1,8 @@
 """hf_msvit: MSViT (mixed-scale tokenization) and DiT (dynamic token routing) as native Hugging Face models.
 
 Importing the package registers every model with the Auto classes, so `AutoConfig`, `AutoModel`,
-`AutoModelForImageClassification`, `AutoImageProcessor` (and `AutoBackbone` for DiT) load our checkpoints with the
-installed classes. People without this package load the same checkpoints with `trust_remote_code=True`.
+`AutoModelForImageClassification`, `AutoModelForSemanticSegmentation` (MSViT), `AutoImageProcessor` and `AutoBackbone`
+load our checkpoints with the installed classes. People without this package load the same checkpoints with `trust_remote_code=True`.
 """
 
 from transformers import (
@@ -11,6 +11,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
 )
 
 from .models.dit_routing import (
@@ -22,8 +23,10 @@ from .models.dit_routing import (
     DiTPreTrainedModel,
 )
 from .models.msvit import (
+    MSViTBackbone,
     MSViTConfig,
     MSViTForImageClassification,
+    MSViTForSemanticSegmentation,
     MSViTImageProcessor,
     MSViTModel,
     MSViTPreTrainedModel,
@@ -43,6 +46,8 @@ def _register(config_class, model_class, classification_class, image_processor_c
 _register(MSViTConfig, MSViTModel, MSViTForImageClassification, MSViTImageProcessor)
 _register(DiTConfig, DiTModel, DiTForImageClassification, DiTImageProcessor)
 AutoBackbone.register(DiTConfig, DiTBackbone, exist_ok=True)
+AutoBackbone.register(MSViTConfig, MSViTBackbone, exist_ok=True)
+AutoModelForSemanticSegmentation.register(MSViTConfig, MSViTForSemanticSegmentation, exist_ok=True)
 
 __all__ = [
     "DiTBackbone",
@@ -51,8 +56,10 @@ __all__ = [
     "DiTImageProcessor",
     "DiTModel",
     "DiTPreTrainedModel",
+    "MSViTBackbone",
     "MSViTConfig",
     "MSViTForImageClassification",
+    "MSViTForSemanticSegmentation",
     "MSViTImageProcessor",
     "MSViTModel",
     "MSViTPreTrainedModel",

@@ -6,7 +6,11 @@ import torch
 from transformers.models.auto import modeling_auto
 from transformers_tests.test_backbone_common import BackboneTesterMixin
 from transformers_tests.test_configuration_common import ConfigTester
-from transformers_tests.test_image_processing_common import ImageProcessingTester, ImageProcessingTestMixin
+from transformers_tests.test_image_processing_common import (
+    ImageProcessingTester,
+    ImageProcessingTestMixin,
+    PostProcessSemanticSegmentationTestMixin,
+)
 from transformers_tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 
 from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTImageProcessor, DiTModel
@@ -192,6 +196,7 @@ class DiTImageProcessingTester(ImageProcessingTester):
         kwargs.setdefault("do_resize", True)
         kwargs.setdefault("do_normalize", True)
         super().__init__(parent, batch_size=3, max_resolution=80, **kwargs)
+        self.num_labels = 3  # for the semantic-segmentation post-processing tests
 
     def _get_image_processing_classes(self):
         # The common helper infers the processor from the test folder's name among transformers' built-in models.
@@ -201,7 +206,7 @@ class DiTImageProcessingTester(ImageProcessingTester):
         return self.num_channels, self.size["height"], self.size["width"]
 
 
-class DiTImageProcessingTest(ImageProcessingTestMixin, unittest.TestCase):
+class DiTImageProcessingTest(ImageProcessingTestMixin, PostProcessSemanticSegmentationTestMixin, unittest.TestCase):
     image_processor_tester_class = DiTImageProcessingTester
 
     @unittest.skip(reason="hf_msvit ships a PIL backend only: no torchvision dependency (DESIGN.md)")

@@ -7,7 +7,11 @@ import pytest
 from PIL import Image
 from transformers import AutoImageProcessor
 from transformers.utils import is_torchvision_available
-from transformers_tests.test_image_processing_common import ImageProcessingTester, ImageProcessingTestMixin
+from transformers_tests.test_image_processing_common import (
+    ImageProcessingTester,
+    ImageProcessingTestMixin,
+    PostProcessSemanticSegmentationTestMixin,
+)
 
 from hf_msvit import MSViTConfig, MSViTImageProcessor
 
@@ -20,6 +24,7 @@ class MSViTImageProcessingTester(ImageProcessingTester):
         kwargs.setdefault("do_resize", True)
         kwargs.setdefault("do_normalize", True)
         super().__init__(parent, **kwargs)
+        self.num_labels = 3  # for the semantic-segmentation post-processing tests
 
     def _get_image_processing_classes(self):
         # the common tester infers the model from the test folder among transformers' built-in processors
@@ -29,7 +34,7 @@ class MSViTImageProcessingTester(ImageProcessingTester):
         return self.num_channels, self.size["height"], self.size["width"]
 
 
-class MSViTImageProcessingTest(ImageProcessingTestMixin, unittest.TestCase):
+class MSViTImageProcessingTest(ImageProcessingTestMixin, PostProcessSemanticSegmentationTestMixin, unittest.TestCase):
     image_processor_tester_class = MSViTImageProcessingTester
 
     @unittest.skip(reason="MSViT ships only a PIL backend, so that it runs without torchvision")

@@ -2,7 +2,21 @@
 
 from .configuration_msvit import MSViTConfig
 from .image_processing_msvit import MSViTImageProcessor
-from .modeling_msvit import MSViTForImageClassification, MSViTModel, MSViTPreTrainedModel
+from .modeling_msvit import (
+    MSViTBackbone,
+    MSViTForImageClassification,
+    MSViTForSemanticSegmentation,
+    MSViTModel,
+    MSViTPreTrainedModel,
+)
 
 
-__all__ = ["MSViTConfig", "MSViTForImageClassification", "MSViTImageProcessor", "MSViTModel", "MSViTPreTrainedModel"]
+__all__ = [
+    "MSViTBackbone",
+    "MSViTConfig",
+    "MSViTForImageClassification",
+    "MSViTForSemanticSegmentation",
+    "MSViTImageProcessor",
+    "MSViTModel",
+    "MSViTPreTrainedModel",
+]

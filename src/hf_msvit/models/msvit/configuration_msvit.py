@@ -17,6 +17,7 @@ import importlib
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 from transformers.utils import auto_docstring
 
 
@@ -34,6 +35,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_msvit.MSViTConfig",
     "AutoModel": "modeling_msvit.MSViTModel",
     "AutoModelForImageClassification": "modeling_msvit.MSViTForImageClassification",
+    "AutoModelForSemanticSegmentation": "modeling_msvit.MSViTForSemanticSegmentation",
+    "AutoBackbone": "modeling_msvit.MSViTBackbone",
 }
 
 
@@ -47,7 +50,7 @@ def _pair(value) -> tuple[int, int]:
 
 @auto_docstring(checkpoint="hf-msvit/msvit-small-patch16-224")
 @strict
-class MSViTConfig(PreTrainedConfig):
+class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     coarse_patch_size (`int`, *optional*, defaults to 32):
         Side of a coarse region in pixels. Each region enters the encoder either as one coarse token or as
@@ -122,6 +125,13 @@ class MSViTConfig(PreTrainedConfig):
         Dimensionality of the pooler layer. If None, defaults to `hidden_size`.
     pooler_act (`str`, *optional*, defaults to `"tanh"`):
         The activation function used by the pooler.
+    semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
+        Label value that the semantic segmentation loss ignores (pixels without a class).
+    out_features (`list[str]`, *optional*):
+        If used as backbone (`MSViTBackbone`), the layers whose output becomes a feature map: `"stem"` (the embedded
+        tokens) and `"stage1"` ... `"stage{num_hidden_layers}"`. Defaults to the last layer.
+    out_indices (`list[int]`, *optional*):
+        If used as backbone, the indices of those layers in `stage_names` (an alternative to `out_features`).
 
     Example:
 
@@ -181,6 +191,9 @@ class MSViTConfig(PreTrainedConfig):
     gbas_gather_across_processes: bool = False
     token_batching: str = "bucket"
     bucket_overhead_tokens: int = 256
+    semantic_loss_ignore_index: int = 255
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         self.pooler_output_size = self.pooler_output_size if self.pooler_output_size else self.hidden_size
@@ -193,6 +206,10 @@ class MSViTConfig(PreTrainedConfig):
             self.auto_map = dict(AUTO_MAP)
         # Checked here as well as by `@strict` so that building a bad config raises a plain `ValueError`.
         self.validate_architecture()
+        self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):

@@ -11,20 +11,36 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Image processor class for MSViT (PIL backend: works without torchvision)."""
+"""Image processor class for MSViT (PIL backend: works without torchvision), with segmentation maps."""
 
-from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
+from transformers.models.segformer.image_processing_pil_segformer import (
+    SegformerImageProcessorKwargs,
+    SegformerImageProcessorPil,
+)
 from transformers.utils import auto_docstring
 
 
+class MSViTImageProcessorKwargs(SegformerImageProcessorKwargs, total=False):
+    r"""
+    do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
+        Whether to reduce every label of the segmentation maps by 1 (0, the background, becomes 255: ignored by the
+        loss). For datasets whose label 0 means "no class", e.g. ADE20k.
+    """
+
+
 @auto_docstring
-class MSViTImageProcessor(PilBackend):
+class MSViTImageProcessor(SegformerImageProcessorPil):
     r"""
     Converts any PIL image (grayscale, RGBA, palette, ...) to RGB, resizes it to `size`, rescales to [0, 1] and
     normalizes with the ViT statistics. The defaults match the ViT checkpoints MSViT is upcycled from.
+
+    Semantic segmentation (transformers' Segformer processor, PIL backend): `segmentation_maps` are resized with
+    nearest-neighbour sampling and returned as integer `labels` (never rescaled or normalized), optionally reduced by
+    one (`do_reduce_labels`); `post_process_semantic_segmentation` turns logits into class maps at any size.
     """
 
+    valid_kwargs = MSViTImageProcessorKwargs
     resample = PILImageResampling.BILINEAR
     image_mean = IMAGENET_STANDARD_MEAN
     image_std = IMAGENET_STANDARD_STD
@@ -33,6 +49,7 @@ class MSViTImageProcessor(PilBackend):
     do_rescale = True
     do_normalize = True
     do_convert_rgb = True
+    do_reduce_labels = False
 
 
 MSViTImageProcessor.register_for_auto_class("AutoImageProcessor")

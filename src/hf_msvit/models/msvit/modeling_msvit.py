@@ -26,9 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ConversionOps, PreTrainedModel, WeightConverter
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    SemanticSegmenterOutput,
+)
 from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTPooler
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring
@@ -869,8 +875,257 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         return self.msvit.static_macs(fine) + head
 
 
+@auto_docstring
+@dataclass
+class MSViTSemanticSegmenterOutput(SemanticSegmenterOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
+        Per-pixel cross-entropy (pixels labelled `config.semantic_loss_ignore_index` ignored) plus
+        `config.gbas_loss_weight * gate_loss`.
+    logits (`torch.FloatTensor` of shape `(batch_size, config.num_labels, height, width)`):
+        Class scores per pixel, at the input size.
+    gate_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Generalized batch-shaping loss of the gate values of this batch (only when the gate ran).
+    gate_probs (`torch.FloatTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
+        Probability, per coarse region, that the gate tokenizes it fine (only when the gate ran).
+    fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`):
+        The decision taken: True where the region entered the encoder as fine tokens.
+    num_tokens (`torch.LongTensor` of shape `(batch_size,)`):
+        Tokens of the chosen tokenization per image: CLS + coarse + fine.
+    macs (`torch.FloatTensor` of shape `(batch_size,)`):
+        Multiply-accumulates of the chosen tokenization per image (analytic): encoder, gate and the linear decoder on
+        the encoder's tokens. The bilinear upsampling of the logits to the input size is not counted.
+    attention_mask (`torch.LongTensor` of shape `(batch_size, max_num_tokens)`):
+        1 for the (kept) tokens of each image, 0 for padding (aligned with `hidden_states`).
+    """
+
+    gate_loss: torch.FloatTensor | None = None
+    gate_probs: torch.FloatTensor | None = None
+    fine_region_mask: torch.BoolTensor | None = None
+    num_tokens: torch.LongTensor | None = None
+    macs: torch.FloatTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+
+
+@auto_docstring(
+    custom_intro="""
+    MSViT with Segmenter's linear decoder for semantic segmentation (e.g. ADE20k): every encoder token is mapped to class
+    scores, the scores are put back on the fine patch grid (a coarse token's scores fill its region) and bilinearly
+    upsampled to the input size.
+    """
+)
+class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
+    def __init__(self, config: MSViTConfig):
+        super().__init__(config)
+        self.msvit = MSViTModel(config, add_pooling_layer=False)
+        # Linear, so it commutes with copying a coarse token onto its fine patches: each token is decoded once, and a
+        # coarse region costs the decoder as little as it costs the encoder.
+        self.decode_head = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        fine_region_mask: torch.BoolTensor | None = None,
+        gate_threshold: float | None = None,
+        fine_region_budget: int | float | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MSViTSemanticSegmenterOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Ground-truth class per pixel, in `[0, ..., config.num_labels - 1]`, or `config.semantic_loss_ignore_index`
+            for pixels to ignore. The returned `loss` also includes `config.gbas_loss_weight * gate_loss`.
+        fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
+            Overrides the gate: True tokenizes a region fine, False coarse. All True gives the ViT the model was
+            upcycled from (with the same decoder).
+        gate_threshold (`float`, *optional*):
+            Overrides `config.gate_threshold` for this call. Higher values select fewer fine regions.
+        fine_region_budget (`int` or `float`, *optional*):
+            Overrides `config.fine_region_budget` for this call (inference): exactly this many regions fine per image
+            (`int` count or `float` fraction), those with the highest gate probabilities.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from hf_msvit import MSViTConfig, MSViTForSemanticSegmentation
+
+        >>> config = MSViTConfig(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768)
+        >>> model = MSViTForSemanticSegmentation(config).eval()
+        >>> outputs = model(torch.randn(1, 3, 224, 224))
+        >>> outputs.logits.shape, outputs.fine_region_mask.shape
+        (torch.Size([1, 2, 224, 224]), torch.Size([1, 7, 7]))
+        ```
+        """
+        if labels is not None and self.config.num_labels < 2:
+            raise ValueError(f"Semantic segmentation needs at least 2 labels, the config has {self.config.num_labels}.")
+        outputs: MSViTModelOutput = self.msvit(
+            pixel_values,
+            fine_region_mask=fine_region_mask,
+            gate_threshold=gate_threshold,
+            fine_region_budget=fine_region_budget,
+            **kwargs,
+        )
+        token_logits = self.decode_head(outputs.last_hidden_state)
+        grid_logits = self.msvit.fine_grid_features(token_logits, outputs.fine_region_mask)
+        logits = F.interpolate(grid_logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, ignore_index=self.config.semantic_loss_ignore_index)
+            if outputs.gate_loss is not None:
+                loss = loss + self.config.gbas_loss_weight * outputs.gate_loss
+
+        return MSViTSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            gate_loss=outputs.gate_loss,
+            gate_probs=outputs.gate_probs,
+            fine_region_mask=outputs.fine_region_mask,
+            num_tokens=outputs.num_tokens,
+            macs=outputs.macs + (outputs.num_tokens - 1) * self.decode_head.weight.numel(),
+            attention_mask=outputs.attention_mask,
+        )
+
+    def static_macs(self, fine: bool = True) -> float:
+        """MACs per image of the static ViT (`fine=True`) or of the coarse-only tokenization, decoder included."""
+        grid_h, grid_w = self.config.fine_grid if fine else self.config.coarse_grid
+        return self.msvit.static_macs(fine) + grid_h * grid_w * self.decode_head.weight.numel()
+
+    @classmethod
+    def from_vit_pretrained(cls, vit, **config_overrides):
+        """Upcycles a ViT checkpoint: every encoder weight is reused; the gate and the decoder are new.
+
+        Args:
+            vit: a local directory or Hub id of a ViT checkpoint, or a loaded `ViTModel` / `ViTForImageClassification`.
+            config_overrides: `MSViTConfig` fields to set (e.g. `num_labels=150`, `id2label=...`,
+                `gbas_target_ratio=0.3`).
+        """
+        encoder = MSViTModel.from_vit_pretrained(vit, **config_overrides)
+        model = cls(encoder.config)
+        weights = {key: value for key, value in encoder.state_dict().items() if not key.startswith("pooler.")}
+        model.msvit.load_state_dict(weights)
+        return model.to(encoder.dtype).eval()
+
+
+@auto_docstring
+@dataclass
+class MSViTBackboneOutput(BackboneOutput):
+    r"""
+    feature_maps (`tuple(torch.FloatTensor)`):
+        One map per `out_features` layer, `(batch_size, hidden_size, image_height / patch_size, image_width /
+        patch_size)`: the layer's tokens after the final layer norm, on the fine patch grid (a coarse token fills its
+        region).
+    gate_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Generalized batch-shaping loss of the gate values of this batch (only when the gate ran); add
+        `config.gbas_loss_weight * gate_loss` to the task loss.
+    gate_probs (`torch.FloatTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
+        Probability, per coarse region, that the gate tokenizes it fine (only when the gate ran).
+    fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`):
+        The decision taken: True where the region entered the encoder as fine tokens.
+    num_tokens (`torch.LongTensor` of shape `(batch_size,)`):
+        Tokens of the chosen tokenization per image: CLS + coarse + fine.
+    macs (`torch.FloatTensor` of shape `(batch_size,)`):
+        Multiply-accumulates of the chosen tokenization per image (analytic: gate, patch embedding, encoder).
+    attention_mask (`torch.LongTensor` of shape `(batch_size, max_num_tokens)`):
+        1 for the (kept) tokens of each image, 0 for padding (aligned with `hidden_states`).
+    """
+
+    gate_loss: torch.FloatTensor | None = None
+    gate_probs: torch.FloatTensor | None = None
+    fine_region_mask: torch.BoolTensor | None = None
+    num_tokens: torch.LongTensor | None = None
+    macs: torch.FloatTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+
+
+@auto_docstring(
+    custom_intro="""
+    MSViT as a backbone (`AutoBackbone`), e.g. for `UperNetForSemanticSegmentation`: the tokens of the layers named in
+    `config.out_features` (`"stem"`, `"stage1"`, ...) as feature maps on the fine patch grid, as DINOv2's backbone
+    does for a ViT.
+    """
+)
+class MSViTBackbone(BackboneMixin, MSViTModel):
+    def __init__(self, config: MSViTConfig):
+        super().__init__(config, add_pooling_layer=False)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        fine_region_mask: torch.BoolTensor | None = None,
+        gate_threshold: float | None = None,
+        fine_region_budget: int | float | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MSViTBackboneOutput:
+        r"""
+        fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
+            Overrides the gate: True tokenizes a region fine, False coarse.
+        gate_threshold (`float`, *optional*):
+            Overrides `config.gate_threshold` for this call.
+        fine_region_budget (`int` or `float`, *optional*):
+            Overrides `config.fine_region_budget` for this call (inference).
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from hf_msvit import MSViTBackbone, MSViTConfig
+
+        >>> config = MSViTConfig(num_hidden_layers=4, hidden_size=192, num_attention_heads=3, intermediate_size=768,
+        ...                      out_indices=[2, 4])
+        >>> feature_maps = MSViTBackbone(config).eval()(torch.randn(1, 3, 224, 224)).feature_maps
+        >>> [tuple(f.shape) for f in feature_maps]
+        [(1, 192, 14, 14), (1, 192, 14, 14)]
+        ```"""
+        kwargs["output_hidden_states"] = True
+        outputs: MSViTModelOutput = MSViTModel.forward(
+            self,
+            pixel_values,
+            fine_region_mask=fine_region_mask,
+            gate_threshold=gate_threshold,
+            fine_region_budget=fine_region_budget,
+            return_dict=True,
+            **kwargs,
+        )
+        feature_maps = tuple(
+            self.fine_grid_features(self.layernorm(hidden_state), outputs.fine_region_mask)
+            for stage, hidden_state in zip(self.stage_names, outputs.hidden_states)
+            if stage in self.out_features
+        )
+        return MSViTBackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            gate_loss=outputs.gate_loss,
+            gate_probs=outputs.gate_probs,
+            fine_region_mask=outputs.fine_region_mask,
+            num_tokens=outputs.num_tokens,
+            macs=outputs.macs,
+            attention_mask=outputs.attention_mask,
+        )
+
+
 # `save_pretrained` copies the code next to the weights (remote code); the config's AUTO_MAP names the classes.
 MSViTModel.register_for_auto_class("AutoModel")
 MSViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MSViTForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+MSViTBackbone.register_for_auto_class("AutoBackbone")
 
-__all__ = ["MSViTForImageClassification", "MSViTModel", "MSViTPreTrainedModel", "vit_macs"]
+__all__ = [
+    "MSViTBackbone",
+    "MSViTForImageClassification",
+    "MSViTForSemanticSegmentation",
+    "MSViTModel",
+    "MSViTPreTrainedModel",
+    "vit_macs",
+]

@@ -1,0 +1,88 @@
+"""examples/run_semantic_segmentation.py for a few steps on the built-in data, MSViT and DiT: phases, metrics, model
+folder, model card."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSemanticSegmentation, UperNetForSemanticSegmentation
+
+from hf_msvit import DiTBackbone, MSViTForSemanticSegmentation
+
+
+pytest.importorskip("sklearn")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "run_semantic_segmentation.py"
+
+TINY = [
+    "--canvas_size", "32", "--digit_copies", "1", "--max_train_samples", "16", "--max_eval_samples", "8",
+    "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "32",
+    "--gate_hidden_size", "16", "--upernet_hidden_size", "8", "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "8", "--static_max_steps", "2", "--gate_only_max_steps", "1", "--max_steps", "2",
+    "--logging_steps", "1", "--disable_tqdm", "True", "--use_cpu", "True", "--dataloader_num_workers", "0",
+]  # fmt: skip
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_semantic_segmentation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_trains_msvit_and_dit_on_the_builtin_data(tmp_path):
+    script = load_script()
+    for model_type, ratio in (("msvit", "fine_region_ratio"), ("dit_routing", "token_keep_ratio")):
+        output_dir = tmp_path / model_type
+        metrics = script.main([*TINY, "--model_type", model_type, "--output_dir", str(output_dir)])
+        for prefix in ("static_eval", "eval"):
+            assert 0.0 <= metrics[f"{prefix}_mean_iou"] <= 1.0, metrics
+            assert f"{prefix}_accuracy_digit 3" in metrics and f"{prefix}_iou_background" in metrics
+        assert metrics["eval_gmacs"] > 0 and 0.0 <= metrics[f"eval_{ratio}"] <= 1.0
+        assert {"phase-static", "phase-gate", "phase-joint"} <= {p.name for p in output_dir.iterdir()}
+        assert json.loads((output_dir / "all_results.json").read_text()) == pytest.approx(metrics, nan_ok=True)
+        card = (output_dir / "README.md").read_text()
+        assert "pipeline_tag: image-segmentation" in card and "mean_iou" in card
+        model = AutoModelForSemanticSegmentation.from_pretrained(output_dir).eval()
+        if model_type == "msvit":
+            assert type(model) is MSViTForSemanticSegmentation
+            assert metrics["static_eval_fine_region_ratio"] == 1.0  # the static phase is the ViT: every region fine
+        else:
+            assert type(model) is UperNetForSemanticSegmentation and isinstance(model.backbone, DiTBackbone)
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 32, 32)).logits.shape == (1, 11, 32, 32)
+
+
+def test_push_to_hub_uploads_the_model_folder_with_a_card(tmp_path):
+    """`--push_to_hub`: one `upload_folder` of the output folder (phase folders left out); the Hub API is mocked."""
+    from unittest import mock
+
+    import huggingface_hub
+    from transformers import TrainingArguments
+
+    from hf_msvit import MSViTConfig, MSViTImageProcessor
+
+    script = load_script()
+    config = MSViTConfig(image_size=32, patch_size=8, coarse_patch_size=16, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, gate_hidden_size=16, num_labels=3)  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="me/msvit-seg", report_to="none")
+    calls = []
+    created = mock.Mock(repo_id="me/msvit-seg")
+    with mock.patch.multiple(
+        huggingface_hub.HfApi,
+        create_repo=lambda self, repo_id, **kwargs: created,
+        upload_folder=lambda self, **kwargs: calls.append(kwargs) or "https://hub/commit",
+    ):
+        metrics = {"eval_mean_iou": 0.5, "eval_gmacs": 0.01}
+        model, processor = MSViTForSemanticSegmentation(config), MSViTImageProcessor()
+        script.save_and_push(model, processor, args, metrics, "hf-msvit/digits-on-canvas", None)
+    assert len(calls) == 1 and calls[0]["repo_id"] == "me/msvit-seg"
+    assert calls[0]["folder_path"] == str(tmp_path) and "phase-*" in calls[0]["ignore_patterns"]
+    files = {path.name for path in tmp_path.iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_msvit.py", "README.md"} <= files
+    card = (tmp_path / "README.md").read_text()
+    assert "| mean_iou | 0.5 |" in card and "trust_remote_code=True" in card
