@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -11,7 +11,6 @@ Targets checked (from the project's performance issue), on CPU fp32:
 import json
 from pathlib import Path
 
-
 HERE = Path(__file__).parent
 TARGETS = {
     ("msvit", 0.5): ("efficiency", 0.9),

@@ -65,6 +65,22 @@ def test_inconsistent_config_raises_value_error(overrides, message):
         DiTConfig(**overrides)
 
 
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((2, 1, 64, 64), r"\(batch_size, 3, height, width\), got \(2, 1, 64, 64\)"),
+        ((2, 4, 64, 64), "num_channels=3"),
+        ((3, 64, 64), r"shape \(batch_size, 3, height, width\)"),
+        ((0, 3, 64, 64), "no image"),
+        ((1, 3, 8, 8), "spatial-reduction ratio"),
+    ],
+)
+def test_bad_pixel_values_give_a_value_error_naming_the_expected_shape(shape, message):
+    model = build()
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(torch.zeros(shape))
+
+
 def test_from_variant_gives_pvt_v2_shapes():
     expected_depths = {"b0": [2, 2, 2, 2], "b1": [2, 2, 2, 2], "b2": [3, 4, 6, 3], "b3": [3, 4, 18, 3],
                        "b4": [3, 8, 27, 3], "b5": [3, 6, 40, 3]}  # fmt: skip
@@ -132,11 +148,11 @@ def test_model_sparse_inference_equals_dense_reference(monkeypatch):
 
     deterministic = DiTGate.forward
 
-    def eval_decisions(gate, features):
+    def eval_decisions(gate, features, threshold=0.5):
         was_training = gate.training
         gate.training = False
         try:
-            return deterministic(gate, features)
+            return deterministic(gate, features, threshold)
         finally:
             gate.training = was_training
 
@@ -176,7 +192,9 @@ def test_static_and_full_macs_equal_the_analytic_count():
         head = model.classifier.weight.numel()
         expected = dit_route_macs(model.config, 64, 64, mode) + head
         assert out.macs.tolist() == [expected, expected]
-        assert model.static_macs(routing_mode=mode) == expected == model.dit.static_macs(64, mode) + head
+        route_macs = model.static_macs() if mode == "static" else model.full_grid_macs()
+        dit_macs = model.dit.static_macs(64) if mode == "static" else model.dit.full_grid_macs(64)
+        assert route_macs == expected == dit_macs + head
         assert out.budget_loss is None
         keep = out.stage_keep_ratio[0]
         if mode == "static":
@@ -251,7 +269,8 @@ def test_output_node_is_reached_even_with_every_column_gate_closed():
 
 
 def test_budget_loss_is_folded_into_loss_and_reaches_every_gate():
-    model = build(budget_loss_weight=0.5, budget_target=0.3)
+    """With `budget_decisions="sampled"` (the paper) the budget prices the Gumbel samples the forward took."""
+    model = build(budget_loss_weight=0.5, budget_target=0.3, budget_decisions="sampled")
     model.train()
     labels = torch.tensor([0, 1, 2])
     torch.manual_seed(1)
@@ -456,7 +475,7 @@ def _ddp_worker(rank, world_size, init_file):
 def test_return_dict_false_in_config_gives_tuples():
     model = build(return_dict=False)
     with torch.no_grad():
-        logits, budget_loss, macs, downsampled, stage_keep, keep = model(pixels(2))
+        logits, _budget_loss, macs, _downsampled, stage_keep, keep = model(pixels(2))
     assert logits.shape == (2, 5) and macs.shape == (2,) and stage_keep.shape == (2, 4, 4) and keep.shape == (2,)
     backbone = build(DiTBackbone, return_dict=False, out_features=["stage1", "stage4"])
     with torch.no_grad():

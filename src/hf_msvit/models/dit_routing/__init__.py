@@ -4,7 +4,6 @@ from .configuration_dit_routing import DiTConfig
 from .image_processing_dit_routing import DiTImageProcessor
 from .modeling_dit_routing import DiTBackbone, DiTForImageClassification, DiTModel, DiTPreTrainedModel, dit_route_macs
 
-
 __all__ = [
     "DiTBackbone",
     "DiTConfig",
