@@ -338,3 +338,28 @@ def test_pipeline_and_trainer_see_only_logits(tmp_path):
     trainer.train()
     metrics = trainer.evaluate()
     assert seen["shape"] == (4, 5) and "eval_accuracy" in metrics
+
+
+@pytest.mark.parametrize("block_floats", [1 << 19, 64])
+@pytest.mark.parametrize("stage_input", ["full_map", "masked_map"])
+def test_inference_paths_equal_the_dense_training_path(monkeypatch, block_floats, stage_input):
+    """The inference stage (cache-blocked MLP: a few images and a slice of the intermediate channels at a time; gathered
+    tokens) equals the plain dense path autograd uses, for every token and for a selection (fp32, 1e-5). A tiny block
+    size forces one image and a few channels per step."""
+    from hf_msvit.models.dit_routing import modeling_dit_routing
+
+    monkeypatch.setattr(modeling_dit_routing, "_FEED_FORWARD_BLOCK_FLOATS", block_floats)
+    config = tiny_config(stage_input=stage_input, mlp_ratios=[4, 4, 4, 4], depths=[2, 2, 2, 2])
+    stage = DiTModel(config).grid[1][0].eval()
+    hidden = torch.randn(3, 64, config.hidden_sizes[1], generator=torch.Generator().manual_seed(0))
+    selected = torch.rand(3, 64, generator=torch.Generator().manual_seed(1)) < 0.6
+    selected[0] = True
+    with torch.no_grad():
+        for mask in (None, selected):
+            with torch.enable_grad():  # grad mode: `forward` takes the plain dense path
+                reference = stage(hidden, 8, 8, None if mask is None else mask.float())
+            fast = stage(hidden, 8, 8) if mask is None else stage.forward_selected(hidden, 8, 8, mask)
+            torch.testing.assert_close(fast, reference.detach(), atol=1e-5, rtol=1e-5)
+    if block_floats == 64:
+        channels, blocks = modeling_dit_routing._TokenSelection.every_token(3, 64).feed_forward_plan(64)
+        assert channels < 64 and len(blocks) == 3  # really blocked

@@ -333,7 +333,12 @@ class DiTConvFeedForwardNetwork(PvtV2ConvFeedForwardNetwork):
             # Skipped tokens feed zeros to the depth-wise conv, exactly as the gather path (which scatters the computed
             # tokens into a zero map).
             hidden_states = hidden_states * token_mask
-        return self.finish(self.dwconv(hidden_states, height, width))
+        return self.finish(self.depthwise(hidden_states, height, width))
+
+    def depthwise(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """PVTv2's depth-wise conv (`self.dwconv`) on the tokens viewed as a channels-last map. Not
+        `PvtV2DepthWiseConv.forward`: for a one-image batch its transpose-view makes oneDNN copy the map to NCHW first."""
+        return _to_tokens(self.dwconv.dwconv(_to_map(hidden_states, (height, width))))
 
     def finish(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Everything after the depth-wise conv."""
@@ -365,29 +370,29 @@ class DiTBlockLayer(GradientCheckpointingLayer):
             mlp_output = mlp_output * token_mask
         return hidden_states + mlp_output
 
-    def forward_selected(self, rows: torch.Tensor, size: tuple[int, int], selection: "_TokenSelection", scratch):
-        """Gather path (inference), in place on `rows`: the stage's map flattened to `(batch * tokens + 1, hidden)`,
-        whose last row is scratch. Only the selected tokens are computed by the query, output projection and MLP
-        linears; keys/values come from the whole map; the depth-wise conv sees the computed tokens in a zero map
-        (`scratch`, `(batch * tokens + 1, mlp_hidden)`, zero outside the selected rows: its blocks write the same rows).
-        All images run as one batch: padding rows are computed and their results land in the scratch row."""
-        batch_size, max_selected = selection.read_index.shape
+    def forward_selected(self, rows: torch.Tensor, size: tuple[int, int], selection: "_TokenSelection") -> None:
+        """Inference, in place on `rows` (the stage's map flattened to `(batch * tokens, hidden)`): computes the tokens
+        of `selection` (every token, or the ones a row gate selected). Keys/values come from the whole map; the query,
+        attention, output projection and MLP linears run on the selected tokens only (attention on a batch padded to
+        the most selected tokens of an image; the padding's results are discarded), and the depth-wise conv sees the
+        computed tokens in a zero map (`_feed_forward_inference`)."""
         hidden_size = rows.shape[1]
-        hidden_states = rows[:-1].view(batch_size, -1, hidden_size)
-        reads, writes = selection.read_index.view(-1), selection.write_index.view(-1)
+        hidden_states = rows.view(selection.batch_size, -1, hidden_size)
         normed = self.layer_norm_1(hidden_states)
         key, value = self.attention.keys_and_values(normed, *size)
-        queries = normed.view(-1, hidden_size).index_select(0, reads).view(batch_size, max_selected, hidden_size)
-        selected = rows.index_select(0, reads).view_as(queries) + self.attention.attend(queries, key, value)
-
-        mlp = self.mlp
-        intermediate = mlp.dense1(self.layer_norm_2(selected))
-        scratch.index_copy_(0, writes, intermediate.view(-1, intermediate.shape[-1]))
-        scratch[-1].zero_()
-        convolved = mlp.dwconv(scratch[:-1].view(batch_size, -1, scratch.shape[1]), *size)
-        intermediate = convolved.reshape(-1, scratch.shape[1]).index_select(0, reads).view_as(intermediate)
-        selected = selected + mlp.finish(intermediate)
-        return rows.index_copy_(0, writes, selected.view(-1, hidden_size))
+        if selection.read_index is None:
+            rows += self.attention.attend(normed, key, value).view(-1, hidden_size)
+            _feed_forward_inference(self.mlp, self.layer_norm_2(rows), rows, size, selection)
+            return
+        reads = selection.read_index.view(-1)
+        queries = normed.view(-1, hidden_size).index_select(0, reads).view(selection.batch_size, -1, hidden_size)
+        selected = (rows.index_select(0, reads).view_as(queries) + self.attention.attend(queries, key, value)).view(
+            -1, hidden_size
+        )
+        if selection.packed_from_padded is not None:
+            selected = selected.index_select(0, selection.packed_from_padded)
+        _feed_forward_inference(self.mlp, self.layer_norm_2(selected), selected, size, selection)
+        rows.index_copy_(0, selection.packed_index, selected)
 
     @staticmethod
     def macs(config: DiTConfig, scale: int, height: int, width: int) -> tuple[int, int]:
@@ -410,22 +415,112 @@ class DiTBlockLayer(GradientCheckpointingLayer):
         return per_image, per_token
 
 
+# Floats of the intermediate map that one step of `_feed_forward_inference` works on: small enough to stay in a core's
+# cache (2 MiB here), large enough that the per-step overhead of the Python loop stays small.
+_FEED_FORWARD_BLOCK_FLOATS = 1 << 19
+
+
+@dataclass
+class _FeedForwardBlock:
+    """A step of `_feed_forward_inference`: the packed rows of `num_images` consecutive images and, for a selection,
+    their positions in those images' maps flattened to `(num_images * tokens,)` (`None`: every token, in order)."""
+
+    rows: slice
+    num_images: int
+    map_index: torch.Tensor | None
+
+
 @dataclass
 class _TokenSelection:
-    """Row indices of the selected tokens of a `(batch, tokens)` selection in the map flattened to
-    `(batch * tokens + 1, C)`: `read_index` `(batch, max_selected)` holds each image's selected rows first, then
-    unselected ones as padding; `write_index` is the same with the padding sent to the scratch row `batch * tokens`."""
+    """The tokens a stage computes at inference, as rows of its map flattened to `(batch * tokens, C)`.
 
-    read_index: torch.Tensor
-    write_index: torch.Tensor
+    `read_index` `(batch, max_selected)`: each image's selected rows first, then unselected ones as padding (attention
+    runs on this padded batch). `packed_index` `(total_selected,)`: the selected rows, image after image (the MLP and
+    the write-back run on these); `packed_from_padded` picks them out of the padded batch (`None`: no padding). All
+    three are `None` when every token is computed.
+    """
+
+    batch_size: int
+    num_tokens: int
+    counts: list[int]
+    read_index: torch.Tensor | None = None
+    packed_index: torch.Tensor | None = None
+    packed_from_padded: torch.Tensor | None = None
+    _plans: dict = field(default_factory=dict)
 
     @classmethod
-    def from_mask(cls, selected: torch.Tensor, max_selected: int) -> "_TokenSelection":
+    def every_token(cls, batch_size: int, num_tokens: int) -> "_TokenSelection":
+        return cls(batch_size, num_tokens, [num_tokens] * batch_size)
+
+    @classmethod
+    def from_mask(cls, selected: torch.Tensor, counts: list[int]) -> "_TokenSelection":
         batch_size, num_tokens = selected.shape
+        max_selected = max(counts)
         order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :max_selected]
-        valid = torch.arange(max_selected, device=selected.device)[None, :] < selected.sum(1, keepdim=True)
         read_index = order + torch.arange(batch_size, device=order.device)[:, None] * num_tokens
-        return cls(read_index, torch.where(valid, read_index, batch_size * num_tokens))
+        valid = torch.arange(max_selected, device=order.device)[None, :] < selected.sum(1, keepdim=True)
+        padded = sum(counts) < batch_size * max_selected
+        packed_from_padded = valid.view(-1).nonzero().squeeze(1) if padded else None
+        packed_index = read_index.view(-1) if packed_from_padded is None else read_index[valid]
+        return cls(batch_size, num_tokens, counts, read_index, packed_index, packed_from_padded)
+
+    def feed_forward_plan(self, width: int) -> tuple[int, list[_FeedForwardBlock]]:
+        """`(channels, blocks)`: the MLP's intermediate channels are processed `channels` at a time, for the images of
+        one block at a time, so that the block's intermediate map (`num_images * tokens * channels` floats) stays near
+        `_FEED_FORWARD_BLOCK_FLOATS`. Cached per width: the blocks of a stage share it."""
+        if width not in self._plans:
+            divisors = [d for d in range(1, width + 1) if width % d == 0]
+            fitting = [d for d in divisors if d * self.num_tokens <= _FEED_FORWARD_BLOCK_FLOATS]
+            channels = max(fitting) if fitting else divisors[0]
+            group = max(1, _FEED_FORWARD_BLOCK_FLOATS // (self.num_tokens * channels))
+            offsets = [0]
+            for count in self.counts:
+                offsets.append(offsets[-1] + count)
+            blocks = []
+            for first in range(0, self.batch_size, group):
+                last = min(first + group, self.batch_size)
+                rows = slice(offsets[first], offsets[last])
+                map_index = None
+                if self.packed_index is not None:
+                    map_index = self.packed_index[rows] - first * self.num_tokens
+                blocks.append(_FeedForwardBlock(rows, last - first, map_index))
+            self._plans[width] = channels, blocks
+        return self._plans[width]
+
+
+def _feed_forward_inference(mlp, normed: torch.Tensor, residual: torch.Tensor, size, selection: _TokenSelection):
+    """Inference: `residual += mlp(normed)` for the packed rows `(total_selected, C)` of `selection`, tokens outside the
+    selection entering the depth-wise conv as zeros. The same result as the MLP's forward, computed a few images and a
+    slice of the intermediate channels at a time (the map of the widest tensor, 4-8 times the hidden size, then stays
+    in cache), accumulating the output projection in place."""
+    weight_1, bias_1, weight_2 = mlp.dense1.weight, mlp.dense1.bias, mlp.dense2.weight
+    conv = mlp.dwconv.dwconv
+    channels, blocks = selection.feed_forward_plan(weight_1.shape[0])
+    residual += mlp.dense2.bias
+    if selection.packed_index is not None:  # the zero map the selected tokens are written into
+        scratch = normed.new_empty(max(block.num_images for block in blocks) * selection.num_tokens, channels)
+    for block in blocks:
+        inputs, output = normed[block.rows], residual[block.rows]
+        if block.map_index is not None:
+            block_map = scratch[: block.num_images * selection.num_tokens].zero_()  # its channel slices write the same rows
+        for start in range(0, weight_1.shape[0], channels):
+            part = slice(start, start + channels)
+            intermediate = torch.addmm(bias_1[part], inputs, weight_1[part].t())
+            if block.map_index is not None:
+                intermediate = block_map.index_copy_(0, block.map_index, intermediate)
+            feature_map = _to_map(intermediate.view(block.num_images, -1, channels), size)
+            convolved = nn.functional.conv2d(
+                feature_map, conv.weight[part], conv.bias[part], conv.stride, conv.padding, conv.dilation, channels
+            )
+            convolved = _to_tokens(convolved).reshape(-1, channels)
+            if block.map_index is not None:
+                convolved = convolved.index_select(0, block.map_index)
+            activated = mlp.intermediate_act_fn(convolved)
+            if torch.is_grad_enabled():  # autograd cannot differentiate `out=`
+                output += activated @ weight_2[:, part].t()
+            else:  # in place without a temporary; unlike `addmm_`, FlopCounterMode counts it
+                torch.addmm(output, activated, weight_2[:, part].t(), out=output)
+    return residual
 
 
 class DiTStage(nn.Module):
@@ -450,7 +545,10 @@ class DiTStage(nn.Module):
     ) -> torch.Tensor:
         """Dense path: every token is computed; with `token_mask` `(batch, tokens)` of 0/1 values the output is
         `mask * stage(x) + (1 - mask) * x`, skipped tokens frozen inside the stage too (at their values, or at zero with
-        `stage_input="masked_map"`). The reference semantics, and the training path: gradients reach the gates."""
+        `stage_input="masked_map"`). The reference semantics, and the training path: gradients reach the gates. At
+        inference without a mask it runs `forward_selected` on every token (same values, cache-blocked MLP)."""
+        if token_mask is None and not (self.training or torch.is_grad_enabled()):
+            return self.forward_selected(hidden_states, height, width)
         mask = None if token_mask is None else token_mask.unsqueeze(-1)
         output = hidden_states if mask is None or not self.masked_input else hidden_states * mask
         for block in self.blocks:
@@ -461,29 +559,29 @@ class DiTStage(nn.Module):
         return mask * output + (1 - mask) * hidden_states
 
     def forward_selected(
-        self, hidden_states: torch.Tensor, height: int, width: int, selected, max_selected: int | None = None
-    ):
-        """Gather path (inference): the same result as `forward(hidden_states, ..., token_mask=selected)`, computing
-        only the selected tokens `selected` `(batch, tokens)` (bool; at most `max_selected` per image, if known), all
-        images in one padded batch."""
+        self, hidden_states: torch.Tensor, height: int, width: int, selected=None, counts: list[int] | None = None
+    ) -> torch.Tensor:
+        """Inference: the same result as `forward(hidden_states, ..., token_mask=selected)`, computing only the tokens
+        `selected` `(batch, tokens)` (bool; `None`: every token; `counts`: selected tokens per image, if known)."""
         batch_size, num_tokens, hidden_size = hidden_states.shape
-        if max_selected is None:
-            max_selected = int(selected.sum(1).max())  # trf-ignore: TRF056 the number of computed tokens is data-dependent
-        selection = _TokenSelection.from_mask(selected, max_selected)
-        rows = hidden_states.new_empty(batch_size * num_tokens + 1, hidden_size)
-        if self.masked_input:
-            torch.mul(hidden_states, selected.unsqueeze(-1), out=rows[:-1].view_as(hidden_states))
+        if selected is None:
+            selection = _TokenSelection.every_token(batch_size, num_tokens)
         else:
-            rows[:-1].copy_(hidden_states.reshape(-1, hidden_size))
-        rows[-1].zero_()
-        scratch = hidden_states.new_zeros(batch_size * num_tokens + 1, self.blocks[0].mlp.dense1.out_features)
+            counts = selected.sum(1).tolist() if counts is None else counts  # trf-ignore: TRF056 data-dependent
+            if max(counts) == 0:
+                return hidden_states.clone()
+            selection = _TokenSelection.from_mask(selected, counts)
+        rows = hidden_states.reshape(-1, hidden_size).clone()
+        if self.masked_input and selected is not None:
+            rows *= selected.reshape(-1, 1)
         for block in self.blocks:
-            rows = block.forward_selected(rows, (height, width), selection, scratch)
-        normed = self.layer_norm(rows.index_select(0, selection.read_index.view(-1)))
+            block.forward_selected(rows, (height, width), selection)
+        if selection.packed_index is None:
+            return self.layer_norm(rows).view_as(hidden_states)
+        normed = self.layer_norm(rows.index_select(0, selection.packed_index))
         if self.masked_input:  # skipped rows hold zeros: restore their input values
-            rows[:-1].copy_(hidden_states.reshape(-1, hidden_size))
-        rows.index_copy_(0, selection.write_index.view(-1), normed)
-        return rows[:-1].view_as(hidden_states)
+            rows.copy_(hidden_states.reshape(-1, hidden_size))
+        return rows.index_copy_(0, selection.packed_index, normed).view_as(hidden_states)
 
     @staticmethod
     def macs(config: DiTConfig, scale: int, height: int, width: int, num_selected, active):
@@ -978,9 +1076,9 @@ def _run_stage_sparse(stage: DiTStage, features: torch.Tensor, selected: torch.T
     index = None if len(run) == batch_size else torch.tensor(run, device=features.device)
     inputs, chosen = (features, selected) if index is None else (features[index], selected[index])
     if all(counts[image] == num_tokens for image in run):
-        outputs = stage(inputs, *size)
+        outputs = stage.forward_selected(inputs, *size)
     else:
-        outputs = stage.forward_selected(inputs, *size, chosen, max(counts))
+        outputs = stage.forward_selected(inputs, *size, chosen, [counts[image] for image in run])
     return outputs if index is None else features.index_copy(0, index, outputs)
 
 
