@@ -33,6 +33,15 @@ def static_dit_macs(variant, image_size=224, **_):
     return dit_route_macs(config, image_size, image_size, "static") + head
 
 
+def dit_gate_state(dit) -> dict[str, torch.Tensor]:
+    """The values of every gate parameter and buffer, by name: loading them back restores this route."""
+    return {
+        name: tensor.detach().clone()
+        for name, tensor in [*dit.named_parameters(), *dit.named_buffers()]
+        if "_gates." in name
+    }
+
+
 def _set_gate(gate, direction, bias):
     with torch.no_grad():
         gate.weight.zero_()

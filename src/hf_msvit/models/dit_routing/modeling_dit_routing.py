@@ -731,20 +731,34 @@ class _Route:
     features: dict = field(default_factory=dict)  # (scale, column) -> (batch, tokens, C)
     row_decisions: dict = field(default_factory=dict)  # (scale, column) -> decisions of stage (scale, column)
     reached_index: dict = field(default_factory=dict)  # sparse mode: (scale, column) -> reached images (None: all)
+    taken_on_host: dict = field(default_factory=dict)  # sparse mode: (scale, column) -> images taking the edge (list)
+    reached_on_host: dict = field(default_factory=dict)  # sparse mode: (scale, column) -> images reaching it (list)
 
     def node_exists(self, scale: int, column: int, reach) -> bool:
         """Whether node (scale, column) is computed: a fixed route's reached nodes, every node with an incoming edge in
-        training, nodes some image reaches at inference (one host sync per node)."""
+        training, nodes some image reaches at inference (from the edges' decisions, already on the host)."""
         if reach is None or self.mode == "sample":
             return reach is not None
-        if not isinstance(reach, torch.Tensor):
+        if not isinstance(reach, torch.Tensor):  # the stem (reach 1) or a fixed route
+            if self.mode == "sparse" and reach:
+                self.reached_on_host[(scale, column)] = [True] * self.ledger.macs.shape[0]
             return bool(reach)
-        reached = reach > 0
-        count = int(reached.sum())  # trf-ignore: TRF056 which images reach a node is data-dependent
-        if count == 0:
+        row = self.reached_on_host.get((scale, column - 1))
+        down = self.taken_on_host.get((scale - 1, column))
+        if row is None and down is None:  # neither incoming node was computed
             return False
-        self.reached_index[(scale, column)] = None if count == reach.shape[0] else reached.nonzero().squeeze(1)
+        reached = [bool(a or b) for a, b in zip(row or [False] * len(down), down or [False] * len(row))]
+        if not any(reached):
+            return False
+        self.reached_on_host[(scale, column)] = reached
+        index = None if all(reached) else torch.tensor([i for i, r in enumerate(reached) if r], device=reach.device)
+        self.reached_index[(scale, column)] = index
         return True
+
+    def record_edge(self, scale: int, column: int, taken: torch.Tensor) -> None:
+        """Sparse mode: which images take edge (scale, column) (one host sync per edge; the reach of every node and
+        the sub-batch of every edge follow from these)."""
+        self.taken_on_host[(scale, column)] = (taken > 0).tolist()  # trf-ignore: TRF056 data-dependent routing
 
 
 def _on_images(function: Callable, inputs: torch.Tensor, index: torch.Tensor | None, batch_size: int):
@@ -996,11 +1010,11 @@ class DiTModel(DiTPreTrainedModel):
             return embed(above) if taken else None
         if route.mode == "sample":
             return _times(taken, embed(above))
-        run = taken > 0
-        count = int(run.sum())  # trf-ignore: TRF056 which images take an edge is data-dependent
-        if count == 0:
+        run = route.taken_on_host[(scale - 1, column)]
+        if not any(run):
             return None
-        return _on_images(embed, above, None if count == run.shape[0] else run.nonzero().squeeze(1), run.shape[0])
+        index = None if all(run) else torch.tensor([i for i, r in enumerate(run) if r], device=above.device)
+        return _on_images(embed, above, index, len(run))
 
     def _leave_node(self, route: _Route, scale: int, column: int) -> None:
         """Decides the row and column gates of node (scale, column) and bills what they open (and the gates)."""
@@ -1015,7 +1029,9 @@ class DiTModel(DiTPreTrainedModel):
             route.row_decisions[(scale, column)] = row
             route.ledger.bill_stage(scale, column, row)
         if down is not None:
-            route.ledger.bill_edge(scale, column, down)
+            taken = route.ledger.bill_edge(scale, column, down)
+            if route.mode == "sparse":
+                route.record_edge(scale, column, taken)
 
     def _gate_decisions(self, route: _Route, scale: int, column: int) -> tuple:
         """Row `(batch, tokens)` and column `(batch,)` decisions of node (scale, column), `None` where it has no such
