@@ -14,8 +14,9 @@ Method. One worker process per group (family, variant, batch size): it builds th
 route (MSViT with every region fine, DiT on PVTv2's route) and the dynamic model at each ratio, then times them
 interleaved, round after round (A, B, C, A, B, C, ...), so that a machine whose load changes during the run slows
 every model alike; latency is the median over rounds. Peak memory is measured in a fresh process per model: the growth
-of the process's peak RSS during a few calls (CPU, reset through /proc/self/clear_refs), or the allocator's peak
-(GPU). Models run in eval mode under `torch.inference_mode()`.
+of the process's peak RSS during two calls after a warm-up (CPU, reset through /proc/self/clear_refs; glibc set to
+return freed blocks to the system, see `MEMORY_ENV`), or the allocator's peak (GPU). Models run in eval mode under
+`torch.inference_mode()`.
 
 Reported per row: images/s, latency per batch, peak memory (and its ratio to the baseline's), and against both the HF
 baseline and our own static route: measured speedup, ideal speedup (MAC ratio, from the models' `macs`) and
@@ -214,9 +215,17 @@ def memory_of(spec) -> float:
     return peak_memory_mb(device) - before
 
 
+# Memory processes: glibc hands every block of 64 KiB or more back to the system when it is freed, so that the RSS
+# follows the live tensors and its peak is the forward's peak (by default freed memory stays in the process and a
+# later call reuses it unseen).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def run_worker(kind: str, spec: dict):
     with tempfile.NamedTemporaryFile("w+", suffix=".json") as handle:
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if kind == "memory":
+            env.update(MEMORY_ENV)
         cmd = [sys.executable, __file__, "--worker", kind, json.dumps(spec), "--worker-output", handle.name]
         subprocess.run(cmd, check=True, env=env)
         handle.seek(0)
