@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+
 RESULTS = Path(__file__).parent / "results"
 
 

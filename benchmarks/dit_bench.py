@@ -9,6 +9,7 @@ measures how much of the skipped compute turns into speed.
 
 import torch
 
+
 OPEN = 30.0  # a gate logit margin no feature overturns
 
 

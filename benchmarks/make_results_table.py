@@ -13,6 +13,7 @@ Targets checked (from the project's performance issue), against the HF baseline 
 import json
 from pathlib import Path
 
+
 HERE = Path(__file__).parent
 # (family, model, ratio or None, batch size or None) -> [(field, bound), ...]; a row meets a bound when field >= bound,
 # or, for fields ending in "_ratio", when field <= bound.

@@ -11,6 +11,7 @@ from transformers_tests.test_modeling_common import ModelTesterMixin, floats_ten
 
 from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTImageProcessor, DiTModel
 
+
 # The common tests decide from transformers' *built-in* mapping names which classes get labels and which are base
 # models (hf_conventions.md §5.4).
 modeling_auto.MODEL_MAPPING_NAMES.setdefault("dit_routing", "DiTModel")

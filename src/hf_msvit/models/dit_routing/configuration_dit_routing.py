@@ -20,6 +20,7 @@ from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.utils import auto_docstring
 
+
 # `auto_docstring` looks the config up by folder name among transformers' built-in models and prints an error for
 # models that live outside transformers; this tells it where ours is.
 _autodoc = importlib.import_module("transformers.utils.auto_docstring")

@@ -34,6 +34,7 @@ from transformers import AutoConfig, PreTrainedModel, PvtV2Config, PvtV2ForImage
 
 from .configuration_dit_routing import PVT_V2_SHARED_FIELDS, DiTConfig
 
+
 _LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(patch_embedding|blocks|layer_norm)\.(.+)$")
 
 
