@@ -275,3 +275,23 @@ def test_pure_bfloat16_training_keeps_a_float32_ema_that_moves():
         weight, _ = gate.inference_weights()
         assert weight.dtype == torch.float32 and torch.isfinite(weight).all()
         assert torch.isfinite(model(pixels(2).to(torch.bfloat16)).logits).all()
+
+
+def test_noise_free_training_takes_the_inference_route():
+    """`gate_noise_scale=0`: training decides as inference does (p >= 0.5), whatever the random state; gradients still
+    reach the gates (straight-through)."""
+    model = build(gate_noise_scale=0.0)
+    with torch.no_grad():
+        inference = model(pixels(2))  # no EMA update yet: the trained weights decide
+    model.train()
+    routes = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        out = model(pixels(2), labels=torch.tensor([0, 1]))
+        routes.append((out.stage_keep_ratio, out.downsampled, out.macs))
+    for keep, downsampled, macs in routes:
+        torch.testing.assert_close(keep, inference.stage_keep_ratio)
+        torch.testing.assert_close(downsampled, inference.downsampled)
+        torch.testing.assert_close(macs, inference.macs)
+    out.loss.backward()
+    assert sum(gate.weight.grad.abs().sum() for gate in model.dit._gates()) > 0

@@ -93,6 +93,9 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         `"full"`: every gate open, every token computed (the paper's "Fully" ablation, about 4x the static cost).
     gumbel_temperature (`float`, *optional*, defaults to 1.0):
         Temperature of the straight-through Gumbel-softmax that samples gate decisions in training.
+    gate_noise_scale (`float`, *optional*, defaults to 1.0):
+        Scale of the Gumbel noise of the training decisions (1: the paper's Gumbel-softmax samples; 0: training takes
+        the deterministic decisions inference takes, `p >= 0.5`, with straight-through gradients of the soft sample).
     gate_ema_momentum (`float`, *optional*, defaults to 0.999):
         Momentum `m` of the EMA copies of the gate weights (`w_ema <- m_t * w_ema + (1 - m_t) * w`, paper Eq. 3),
         updated at every training forward and used for the deterministic decisions at inference. The EMA is kept in
@@ -183,6 +186,7 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
     num_routing_columns: int = 4
     routing_mode: str = "dynamic"
     gumbel_temperature: float | int = 1.0
+    gate_noise_scale: float | int = 1.0
     gate_ema_momentum: float | int = 0.999
     gate_ema_warmup_steps: int = 10
     gate_init: str = "all_open"
@@ -254,6 +258,7 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         checks = (
             ("gumbel_temperature", self.gumbel_temperature > 0, "positive"),
+            ("gate_noise_scale", self.gate_noise_scale >= 0, ">= 0"),
             ("gate_ema_momentum", 0.0 <= self.gate_ema_momentum < 1.0, "in [0, 1)"),
             ("gate_ema_warmup_steps", self.gate_ema_warmup_steps >= 0, ">= 0"),
             ("gate_init_compute_prob", 0.0 < self.gate_init_compute_prob < 1.0, "in (0, 1)"),

@@ -209,6 +209,7 @@ class DiTGate(nn.Module):
         self.momentum = config.gate_ema_momentum
         self.warmup_steps = config.gate_ema_warmup_steps
         self.temperature = config.gumbel_temperature
+        self.noise_scale = config.gate_noise_scale
         self.on_static_route = on_static_route
 
     def forward(self, features: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -221,7 +222,8 @@ class DiTGate(nn.Module):
         if self.training:
             logit = self._open_logit(features, self.weight, self.bias).float()
             uniform = torch.rand_like(logit).clamp(torch.finfo(logit.dtype).tiny, 1.0 - torch.finfo(logit.dtype).eps)
-            soft = torch.sigmoid((logit + torch.log(uniform) - torch.log1p(-uniform)) / self.temperature)
+            noise = self.noise_scale * (torch.log(uniform) - torch.log1p(-uniform))
+            soft = torch.sigmoid((logit + noise) / self.temperature)
             return ((soft >= 0.5).to(soft.dtype) - soft.detach() + soft).to(features.dtype)
         weight, bias = self.inference_weights()
         logit = self._open_logit(features, weight.to(features.dtype), bias.to(features.dtype))
