@@ -133,6 +133,7 @@ def test_upcycled_dynamic_model_starts_exactly_on_the_pvt_v2_route(pvt_checkpoin
     pvt, _ = pvt_checkpoint
     dit = DiTForImageClassification.from_pvt_v2_pretrained(pvt)
     assert dit.config.routing_mode == "dynamic" and dit.config.gate_init == "static_route"
+    assert dit.config.gate_noise_scale == 0.0  # upcycling trains on the route inference takes
     dit.eval()
     batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -151,7 +152,9 @@ def test_upcycled_dynamic_model_starts_exactly_on_the_pvt_v2_route(pvt_checkpoin
     # training prices the same route (deterministic decisions): the budget loss at step 0 is (1.00 - target) ** 2
     dit.train()
     torch.manual_seed(0)
-    budget_loss = dit(batch, labels=torch.tensor([0, 1, 2, 3])).budget_loss
+    trained = dit(batch, labels=torch.tensor([0, 1, 2, 3]))
+    budget_loss = trained.budget_loss
+    torch.testing.assert_close(trained.macs, out.macs)  # no Gumbel noise: the training forward took the same route
     expected_cost = (out.macs - dit.classifier.weight.numel()).mean() / dit.dit.static_macs(64)
     torch.testing.assert_close(budget_loss, (expected_cost - dit.config.budget_target) ** 2)
 

@@ -95,7 +95,8 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         Temperature of the straight-through Gumbel-softmax that samples gate decisions in training.
     gate_noise_scale (`float`, *optional*, defaults to 1.0):
         Scale of the Gumbel noise of the training decisions (1: the paper's Gumbel-softmax samples; 0: training takes
-        the deterministic decisions inference takes, `p >= 0.5`, with straight-through gradients of the soft sample).
+        the deterministic decisions inference takes, `p >= 0.5`, with straight-through gradients of the soft sample, so
+        the budget binds on the route evaluation computes). `from_pvt_v2_pretrained` uses 0 unless told otherwise.
     gate_ema_momentum (`float`, *optional*, defaults to 0.999):
         Momentum `m` of the EMA copies of the gate weights (`w_ema <- m_t * w_ema + (1 - m_t) * w`, paper Eq. 3),
         updated at every training forward and used for the deterministic decisions at inference. The EMA is kept in

@@ -843,9 +843,10 @@ class DiTPreTrainedModel(PreTrainedModel):
                 DiT config fields to set (e.g. `routing_mode="static"`, `num_routing_columns=4`, `budget_target=0.9`).
 
         Every copy of grid stage `i` starts from PVTv2 stage `i`, every patch embedding into scale `i` from PVTv2's,
-        the stem from PVTv2's first patch embedding; gates are new and start on PVTv2's route (`gate_init=
-        "static_route"` unless overridden), so the dynamic model starts at exactly PVTv2's function and cost. With
-        `routing_mode="static"` the result computes exactly the PVTv2 function.
+        the stem from PVTv2's first patch embedding; gates are new and, unless overridden, start on PVTv2's route
+        (`gate_init="static_route"`: the dynamic model starts at exactly PVTv2's function and cost) and train on the
+        route inference takes (`gate_noise_scale=0`). With `routing_mode="static"` the result computes exactly the PVTv2
+        function.
         """
         from .convert_pvt_v2_to_dit_routing import convert_pvt_v2_to_dit
 
