@@ -340,7 +340,7 @@ def test_pipeline_and_trainer_see_only_logits(tmp_path):
     assert seen["shape"] == (4, 5) and "eval_accuracy" in metrics
 
 
-@pytest.mark.parametrize("block_floats", [1 << 19, 64])
+@pytest.mark.parametrize("block_floats", [None, 1 << 19, 64])  # None: the one-step plan of accelerators
 @pytest.mark.parametrize("stage_input", ["full_map", "masked_map"])
 def test_inference_paths_equal_the_dense_training_path(monkeypatch, block_floats, stage_input):
     """The inference stage (cache-blocked MLP: a few images and a slice of the intermediate channels at a time; gathered
@@ -361,5 +361,5 @@ def test_inference_paths_equal_the_dense_training_path(monkeypatch, block_floats
             fast = stage(hidden, 8, 8) if mask is None else stage.forward_selected(hidden, 8, 8, mask)
             torch.testing.assert_close(fast, reference.detach(), atol=1e-5, rtol=1e-5)
     if block_floats == 64:
-        channels, blocks = modeling_dit_routing._TokenSelection.every_token(3, 64).feed_forward_plan(64)
+        channels, blocks = modeling_dit_routing._TokenSelection.every_token(3, 64).feed_forward_plan(64, 64)
         assert channels < 64 and len(blocks) == 3  # really blocked

@@ -417,8 +417,9 @@ class DiTBlockLayer(GradientCheckpointingLayer):
         return per_image, per_token
 
 
-# Floats of the intermediate map that one step of `_feed_forward_inference` works on: small enough to stay in a core's
-# cache (2 MiB here), large enough that the per-step overhead of the Python loop stays small.
+# Floats of the intermediate map that one step of `_feed_forward_inference` works on, on CPU: small enough to stay in a
+# core's cache (2 MiB here), large enough that the per-step overhead of the Python loop stays small. Accelerators take
+# the whole map in one step.
 _FEED_FORWARD_BLOCK_FLOATS = 1 << 19
 
 
@@ -466,15 +467,16 @@ class _TokenSelection:
         packed_index = read_index.view(-1) if packed_from_padded is None else read_index[valid]
         return cls(batch_size, num_tokens, counts, read_index, packed_index, packed_from_padded)
 
-    def feed_forward_plan(self, width: int) -> tuple[int, list[_FeedForwardBlock]]:
+    def feed_forward_plan(self, width: int, block_floats: int | None) -> tuple[int, list[_FeedForwardBlock]]:
         """`(channels, blocks)`: the MLP's intermediate channels are processed `channels` at a time, for the images of
         one block at a time, so that the block's intermediate map (`num_images * tokens * channels` floats) stays near
-        `_FEED_FORWARD_BLOCK_FLOATS`. Cached per width: the blocks of a stage share it."""
-        if width not in self._plans:
+        `block_floats` (`None`: everything in one step). Cached: the blocks of a stage share it."""
+        if (width, block_floats) not in self._plans:
+            limit = block_floats or width * self.num_tokens * self.batch_size
             divisors = [d for d in range(1, width + 1) if width % d == 0]
-            fitting = [d for d in divisors if d * self.num_tokens <= _FEED_FORWARD_BLOCK_FLOATS]
+            fitting = [d for d in divisors if d * self.num_tokens <= limit]
             channels = max(fitting) if fitting else divisors[0]
-            group = max(1, _FEED_FORWARD_BLOCK_FLOATS // (self.num_tokens * channels))
+            group = max(1, limit // (self.num_tokens * channels))
             offsets = [0]
             for count in self.counts:
                 offsets.append(offsets[-1] + count)
@@ -486,8 +488,8 @@ class _TokenSelection:
                 if self.packed_index is not None:
                     map_index = self.packed_index[rows] - first * self.num_tokens
                 blocks.append(_FeedForwardBlock(rows, last - first, map_index))
-            self._plans[width] = channels, blocks
-        return self._plans[width]
+            self._plans[width, block_floats] = channels, blocks
+        return self._plans[width, block_floats]
 
 
 def _feed_forward_inference(mlp, normed: torch.Tensor, residual: torch.Tensor, size, selection: _TokenSelection):
@@ -497,7 +499,8 @@ def _feed_forward_inference(mlp, normed: torch.Tensor, residual: torch.Tensor, s
     in cache), accumulating the output projection in place."""
     weight_1, bias_1, weight_2 = mlp.dense1.weight, mlp.dense1.bias, mlp.dense2.weight
     conv = mlp.dwconv.dwconv
-    channels, blocks = selection.feed_forward_plan(weight_1.shape[0])
+    block_floats = _FEED_FORWARD_BLOCK_FLOATS if normed.device.type == "cpu" else None
+    channels, blocks = selection.feed_forward_plan(weight_1.shape[0], block_floats)
     residual += mlp.dense2.bias
     if selection.packed_index is not None:  # the zero map the selected tokens are written into
         scratch = normed.new_empty(max(block.num_images for block in blocks) * selection.num_tokens, channels)
