@@ -1,18 +1,25 @@
 """Wall-clock benchmark: dynamic models against their static baselines, same weights, same run, same machine.
 
-MSViT-S/16 is upcycled from a random HF `ViTForImageClassification` (ViT-S/16, 224 px); its fine ratio is set by
-choosing the gate threshold as a quantile of the gate probabilities of the batch, so the gate runs as in deployment
-and images get different token counts. DiT-b1/b2 are upcycled from random HF `PvtV2ForImageClassification`; their
-keep ratio is set through the row gates' thresholds (see `dit_rows`). Each measurement runs in a fresh subprocess
-(so peak memory is that configuration's) with the models in eval mode under `torch.inference_mode()`.
+    python benchmarks/bench_speed.py                      # everything: writes benchmarks/results/speed_<device>.json
+    python benchmarks/make_results_table.py               # renders benchmarks/RESULTS.md from those JSON files
+    python benchmarks/bench_speed.py --quick              # a smoke run (few repeats, not for quoting)
+    python benchmarks/bench_speed.py --device cuda        # GPU rows (bfloat16, sdpa); nothing else needs a GPU
 
-    python benchmarks/bench_speed.py                      # full sweep, writes benchmarks/results/speed_<device>.json
-    python benchmarks/bench_speed.py --quick              # a smoke run (small repeat counts)
-    python benchmarks/make_results_table.py               # renders benchmarks/RESULTS.md from the JSON files
+Models. MSViT-S/16 is upcycled from a random HF `ViTForImageClassification` (ViT-S/16, 224 px); its fine ratio is set
+by choosing the gate threshold as a quantile of the batch's gate probabilities, so the gate runs as in deployment and
+images get different token counts. DiT-b1/b2 are upcycled from random HF `PvtV2ForImageClassification`; their row
+gates are set to compute a given fraction of the tokens of every stage on PVTv2's route (`dit_bench.py`).
 
-Reported per row: images/s, latency per batch (median), peak memory during the timed calls above what the process
-held before them (peak RSS on CPU, reset through /proc/self/clear_refs; allocator peak on GPU),
-measured speedup over the baseline, ideal speedup (MAC ratio, from the models' analytic `macs`), and
+Method. One worker process per group (family, variant, batch size): it builds the baseline, our model on its static
+route (MSViT with every region fine, DiT on PVTv2's route) and the dynamic model at each ratio, then times them
+interleaved, round after round (A, B, C, A, B, C, ...), so that a machine whose load changes during the run slows
+every model alike; latency is the median over rounds. Peak memory is measured in a fresh process per model: the growth
+of the process's peak RSS during two calls after a warm-up (CPU, reset through /proc/self/clear_refs; glibc set to
+return freed blocks to the system, see `MEMORY_ENV`), or the allocator's peak (GPU). Models run in eval mode under
+`torch.inference_mode()`.
+
+Reported per row: images/s, latency per batch, peak memory (and its ratio to the baseline's), and against both the HF
+baseline and our own static route: measured speedup, ideal speedup (MAC ratio, from the models' `macs`) and
 efficiency = measured / ideal.
 """
 
@@ -34,9 +41,6 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-# --------------------------------------------------------------------------------------------------------- models
-
-
 def build_msvit_pair(image_size=224, **msvit_overrides):
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -46,7 +50,7 @@ def build_msvit_pair(image_size=224, **msvit_overrides):
     vit_config = ViTConfig(
         hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
         image_size=image_size, patch_size=16, num_labels=1000, attn_implementation="sdpa",
-    )
+    )  # fmt: skip
     vit = ViTForImageClassification(vit_config).eval()
     msvit = MSViTForImageClassification.from_vit_pretrained(vit, **msvit_overrides).eval()
     return vit, msvit
@@ -63,7 +67,45 @@ def msvit_threshold_for_ratio(msvit, pixel_values, ratio):
     return float(torch.quantile(probs.double(), 1.0 - ratio))
 
 
-# ---------------------------------------------------------------------------------------------------- measurement
+def msvit_models(spec, pixel_values):
+    """`{name: (model, prepare, call kwargs)}` of an MSViT group: `prepare()` sets what differs between rows."""
+    vit, msvit = build_msvit_pair()
+
+    def batching(mode):
+        return lambda: setattr(msvit.config, "token_batching", mode)
+
+    models = {"static": (vit, None, {}), "ours_static": (msvit, batching("bucket"), {"gate_threshold": 0.0})}
+    for mode in spec["token_batching"]:
+        for ratio in spec["ratios"]:
+            threshold = msvit_threshold_for_ratio(msvit, pixel_values, ratio)
+            models[f"dynamic:{mode}:{ratio}"] = (msvit, batching(mode), {"gate_threshold": threshold})
+    return models
+
+
+def dit_models(spec, pixel_values):
+    from dit_bench import build_dit_pair, dit_gate_state, set_dit_keep_ratio
+
+    pvt, dit = build_dit_pair(spec["variant"])
+
+    def route(mode, gates=None):
+        resolved = []  # (tensor, value), looked up once the model sits on its device
+
+        def prepare():
+            dit.config.routing_mode = mode
+            if gates and not resolved:
+                tensors = dict(dit.named_parameters()) | dict(dit.named_buffers())
+                resolved.extend((tensors[name], value) for name, value in gates.items())
+            with torch.no_grad():
+                for tensor, value in resolved:
+                    tensor.copy_(value)
+
+        return prepare
+
+    models = {"static": (pvt, None, {}), "ours_static": (dit, route("static"), {})}
+    for ratio in spec["ratios"]:
+        set_dit_keep_ratio(dit, pixel_values, ratio)
+        models[f"dynamic:-:{ratio}"] = (dit, route("dynamic", dit_gate_state(dit)), {})
+    return models
 
 
 def _proc_status_mb(field):
@@ -94,108 +136,147 @@ def peak_memory_mb(device):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_call(fn, device, min_repeats, min_seconds, warmup):
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < min_repeats or time.perf_counter() - start_all < min_seconds:
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        if len(times) >= 200:
-            break
-    return statistics.median(times), len(times)
-
-
-def worker(spec: dict) -> dict:
-    """Measures one (model, batch size, ratio) configuration; runs in its own process."""
+def group_setup(spec):
     torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    generator = torch.Generator().manual_seed(1234)
-    pixel_values = torch.randn(spec["batch_size"], 3, 224, 224, generator=generator)
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    pixel_values = torch.randn(spec["batch_size"], 3, 224, 224, generator=torch.Generator().manual_seed(1234))
+    models = (msvit_models if spec["family"] == "msvit" else dit_models)(spec, pixel_values)
+    for model, _, _ in models.values():
+        model.to(device=device, dtype=dtype)
+    return device, pixel_values.to(device=device, dtype=dtype), models
 
-    if spec["family"] == "msvit":
-        baseline, dynamic = build_msvit_pair(**spec.get("overrides", {}))
-    else:
-        from dit_bench import build_dit_pair
 
-        baseline, dynamic = build_dit_pair(spec["variant"], **spec.get("overrides", {}))
-
-    kwargs = {}
-    if spec["family"] == "msvit" and spec["model"] == "dynamic":
-        kwargs["gate_threshold"] = msvit_threshold_for_ratio(dynamic, pixel_values, spec["ratio"])
-    if spec["family"] == "dit" and spec["model"] == "dynamic":
-        from dit_bench import set_dit_keep_ratio
-
-        set_dit_keep_ratio(dynamic, pixel_values, spec["ratio"])
-
-    if spec["model"] == "ours_static":
-        # our implementation on the static route: separates kernel differences from routing savings
-        dynamic.config.routing_mode = "static"
-    model = baseline if spec["model"] == "static" else dynamic
-    del baseline, dynamic
-    model = model.to(device=device, dtype=dtype)
-    pixel_values = pixel_values.to(device=device, dtype=dtype)
-    if spec.get("compile"):
-        model = torch.compile(model, dynamic=True)
-
-    with torch.inference_mode():
-        out = model(pixel_values, **kwargs)
-    macs = out.macs.double().mean().item() if getattr(out, "macs", None) is not None else None
-    extra = {}
-    if getattr(out, "fine_region_mask", None) is not None:
-        extra["fine_ratio"] = out.fine_region_mask.float().mean().item()
-        extra["num_tokens_min_max"] = [int(out.num_tokens.min()), int(out.num_tokens.max())]
-    if getattr(out, "token_keep_ratio", None) is not None:
-        extra["stage_keep_ratio"] = out.token_keep_ratio.float().mean().item()  # over the stages that ran
-
-    memory_before = reset_peak_memory(device)
+def make_call(models, name, pixel_values, compile_model):
+    """`call()`: sets the model up for row `name` (outside any timing) and returns a function that runs it once."""
+    model, prepare, kwargs = models[name]
+    forward = torch.compile(model, dynamic=True) if compile_model else model
 
     def run():
         with torch.inference_mode():
-            model(pixel_values, **kwargs)
+            return forward(pixel_values, **kwargs)
 
-    latency, repeats = time_call(run, device, spec["min_repeats"], spec["min_seconds"], spec["warmup"])
-    memory = peak_memory_mb(device) - memory_before
-    return {
-        **spec,
-        "latency_s": latency,
-        "images_per_s": spec["batch_size"] / latency,
-        "repeats": repeats,
-        "macs_per_image": macs,
-        "peak_memory_mb": memory,
-        **extra,
-    }
+    def call():
+        if prepare is not None:
+            prepare()
+        return run
+
+    return call
 
 
-def run_worker(spec: dict) -> dict:
+def describe(output):
+    """MACs per image and token statistics of one forward."""
+    info = {"macs_per_image": None}
+    if getattr(output, "macs", None) is not None:
+        info["macs_per_image"] = output.macs.double().mean().item()
+    if getattr(output, "fine_region_mask", None) is not None:
+        info["fine_ratio"] = output.fine_region_mask.float().mean().item()
+        info["num_tokens_min_max"] = [int(output.num_tokens.min()), int(output.num_tokens.max())]
+    if getattr(output, "token_keep_ratio", None) is not None:
+        info["token_keep_ratio"] = output.token_keep_ratio.float().mean().item()  # over the stages that ran
+    return info
+
+
+def time_group(spec) -> dict:
+    """Worker: times every model of the group interleaved; `{name: {latency_s, ..., macs_per_image}}`."""
+    device, pixel_values, models = group_setup(spec)
+    calls = {name: make_call(models, name, pixel_values, spec["compile"]) for name in models}
+    results = {name: describe(call()()) for name, call in calls.items()}
+    for _ in range(spec["warmup"]):
+        for call in calls.values():
+            call()()
+    times, names, started = {name: [] for name in calls}, list(calls), time.perf_counter()
+    while min(len(t) for t in times.values()) < spec["min_rounds"] or time.perf_counter() - started < spec["min_seconds"]:
+        shift = len(times[names[0]]) % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = calls[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+        if len(times[names[0]]) >= spec["max_rounds"]:
+            break
+    for name, values in times.items():
+        results[name].update(latency_s=statistics.median(values), min_latency_s=min(values), repeats=len(values))
+    return results
+
+
+def memory_of(spec) -> float:
+    """Worker: peak memory growth (MB) of the model `spec["model_name"]` over a few calls, in a fresh process."""
+    device, pixel_values, models = group_setup(spec)
+    keep = spec["model_name"]
+    models = {keep: models[keep]}  # frees the other models before measuring
+    run = make_call(models, keep, pixel_values, spec["compile"])()
+    run()
+    before = reset_peak_memory(device)
+    for _ in range(2):
+        run()
+    return peak_memory_mb(device) - before
+
+
+# Memory processes: glibc hands every block of 64 KiB or more back to the system when it is freed, so that the RSS
+# follows the live tensors and its peak is the forward's peak (by default freed memory stays in the process and a
+# later call reuses it unseen).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def run_worker(kind: str, spec: dict):
     with tempfile.NamedTemporaryFile("w+", suffix=".json") as handle:
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-output", handle.name]
+        if kind == "memory":
+            env.update(MEMORY_ENV)
+        cmd = [sys.executable, __file__, "--worker", kind, json.dumps(spec), "--worker-output", handle.name]
         subprocess.run(cmd, check=True, env=env)
         handle.seek(0)
         return json.load(handle)
 
 
-def static_macs(family, variant, overrides):
-    if family == "msvit":
-        _, msvit = build_msvit_pair(**overrides)
-        return msvit.static_macs(fine=True)
-    from dit_bench import static_dit_macs
+def group_rows(spec, with_memory=True) -> list[dict]:
+    """Times a group, measures each model's memory, and turns the results into rows with speedups and efficiencies."""
+    print(json.dumps({k: spec[k] for k in ("family", "variant", "batch_size", "ratios", "token_batching")}), flush=True)
+    timed = run_worker("time", spec)
+    rows = []
+    for name, result in timed.items():
+        model, mode, ratio = (name.split(":") + ["-", "-"])[:3]
+        row = {**spec, "model": model, "ratio": None if ratio == "-" else float(ratio), **result}
+        row["token_batching"] = None if mode == "-" else mode
+        row["images_per_s"] = spec["batch_size"] / result["latency_s"]
+        if with_memory:  # the memory process builds only what this row needs
+            only = {"ratios": [row["ratio"]] if row["ratio"] is not None else [], "token_batching": [mode]}
+            row["peak_memory_mb"] = run_worker("memory", {**spec, **only, "model_name": name})
+        rows.append(row)
+        print(f"    {name}: {row['images_per_s']:.2f} img/s, {result['latency_s'] * 1e3:.1f} ms", flush=True)
+    add_ratios(rows)
+    return rows
 
-    return static_dit_macs(variant, **overrides)
+
+def add_ratios(rows):
+    """Speedup, ideal speedup and efficiency against the HF baseline and against our static route; memory ratio."""
+    by_model = {row["model"]: row for row in rows if row["model"] in ("static", "ours_static")}
+    # The HF baseline reports no MACs: its cost is our static route's (tested equal to the published counts).
+    static_macs = by_model["ours_static"]["macs_per_image"]
+    for row in rows:
+        if row["model"] == "static":
+            continue
+        for reference, suffix in ((by_model["static"], ""), (by_model["ours_static"], "_vs_own_static")):
+            if row is reference:
+                continue
+            row["measured_speedup" + suffix] = reference["latency_s"] / row["latency_s"]
+            row["ideal_speedup" + suffix] = static_macs / row["macs_per_image"]
+            row["efficiency" + suffix] = row["measured_speedup" + suffix] / row["ideal_speedup" + suffix]
+        if "peak_memory_mb" in row and by_model["static"].get("peak_memory_mb"):
+            row["memory_ratio"] = row["peak_memory_mb"] / max(by_model["static"]["peak_memory_mb"], 1.0)
 
 
 def machine_description(device):
+    import transformers
+
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -208,17 +289,14 @@ def machine_description(device):
         info["cpu"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
-    import transformers
-
-    info["transformers"] = transformers.__version__
     return info
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
@@ -226,67 +304,59 @@ def main():
     parser.add_argument("--msvit-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--dit-variants", nargs="+", default=["b1", "b2"])
     parser.add_argument("--dit-ratios", type=float, nargs="+", default=[0.5, 0.7, 1.0])
-    parser.add_argument("--token-batching", nargs="+", default=["bucket"],
-                        help="MSViT token_batching modes to measure (bucket, pad, per_image)")
+    parser.add_argument(
+        "--msvit-batching", nargs="+", default=["pad", "per_image", "pack"],
+        help="MSViT token_batching alternatives measured against the default (bucket) at batch 32, fine ratio 0.5",
+    )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-model peak memory processes")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def sections(args, base) -> list[dict]:
+    """The tables of one run: dynamic models against their baselines (per compile setting), MSViT batching modes."""
+    result = []
+    for use_compile in [False, True] if args.compile else [False]:
+        rows = []
+        for batch_size in args.batch_sizes:
+            common = dict(base, batch_size=batch_size, compile=use_compile)
+            if "msvit" in args.families:
+                spec = dict(common, family="msvit", variant="s16", ratios=args.msvit_ratios, token_batching=["bucket"])
+                rows += group_rows(spec, not args.no_memory)
+            for variant in args.dit_variants if "dit" in args.families else []:
+                spec = dict(common, family="dit", variant=variant, ratios=args.dit_ratios, token_batching=["-"])
+                rows += group_rows(spec, not args.no_memory)
+        title = "Dynamic models against their static baselines" + (" (torch.compile)" if use_compile else "")
+        result.append({"title": title, "rows": rows})
+    if "msvit" in args.families and args.msvit_batching and 32 in args.batch_sizes:
+        modes = ["bucket", *args.msvit_batching]
+        spec = dict(base, family="msvit", variant="s16", batch_size=32, compile=False, ratios=[0.5], token_batching=modes)
+        title = "MSViT token batching alternatives, batch 32, fine ratio 0.5"
+        result.append({"title": title, "rows": group_rows(spec, not args.no_memory)})
+    return result
+
+
+def main():
+    args = parse_args()
     if args.worker:
-        result = worker(json.loads(args.worker))
+        kind, spec = args.worker
+        result = time_group(json.loads(spec)) if kind == "time" else memory_of(json.loads(spec))
         Path(args.worker_output).write_text(json.dumps(result))
         return
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch here.")
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    timing = (
-        dict(warmup=1, min_repeats=3, min_seconds=0.0) if args.quick else dict(warmup=3, min_repeats=10, min_seconds=5.0)
-    )
+    timing = {"warmup": 1, "min_rounds": 3, "max_rounds": 3, "min_seconds": 0.0}
+    if not args.quick:
+        timing = {"warmup": 2, "min_rounds": 7, "max_rounds": 60, "min_seconds": 20.0}
     base = dict(device=args.device, dtype=dtype, threads=args.threads, **timing)
-    compile_options = [False, True] if args.compile else [False]
-    rows = []
-
-    def measure(spec):
-        print(json.dumps({k: spec[k] for k in ("family", "model", "batch_size", "ratio") if k in spec}), flush=True)
-        result = run_worker(spec)
-        print(f"    {result['images_per_s']:.2f} img/s, {result['latency_s'] * 1e3:.1f} ms", flush=True)
-        rows.append(result)
-        return result
-
-    for use_compile in compile_options:
-        for batch_size in args.batch_sizes:
-            if "msvit" in args.families:
-                common = dict(base, family="msvit", variant="s16", batch_size=batch_size, compile=use_compile)
-                static = measure(dict(common, model="static", ratio=1.0))
-                static_cost = static_macs("msvit", "s16", {})
-                for mode in args.token_batching:
-                    for ratio in args.msvit_ratios:
-                        row = measure(dict(common, model="dynamic", ratio=ratio, overrides={"token_batching": mode}))
-                        row["baseline_latency_s"] = static["latency_s"]
-                        row["baseline_macs_per_image"] = static_cost
-            if "dit" in args.families:
-                for variant in args.dit_variants:
-                    common = dict(base, family="dit", variant=variant, batch_size=batch_size, compile=use_compile)
-                    static = measure(dict(common, model="static", ratio=1.0))
-                    static_cost = static_macs("dit", variant, {})
-                    ours = measure(dict(common, model="ours_static", ratio=1.0))
-                    ours["baseline_latency_s"] = static["latency_s"]
-                    ours["baseline_macs_per_image"] = static_cost
-                    for ratio in args.dit_ratios:
-                        row = measure(dict(common, model="dynamic", ratio=ratio))
-                        row["baseline_latency_s"] = static["latency_s"]
-                        row["baseline_macs_per_image"] = static_cost
-
-    for row in rows:
-        if row["model"] != "static":
-            row["measured_speedup"] = row["baseline_latency_s"] / row["latency_s"]
-            row["ideal_speedup"] = row["baseline_macs_per_image"] / row["macs_per_image"]
-            row["efficiency"] = row["measured_speedup"] / row["ideal_speedup"]
-
+    payload = {"machine": machine_description(device), "quick": args.quick, "sections": sections(args, base)}
     output = Path(args.output) if args.output else RESULTS / f"speed_{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_description(device), "quick": args.quick, "rows": rows}
     # Write to a temporary file first so an interrupted run never leaves a half-written result file.
     tmp = output.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))

@@ -10,10 +10,6 @@ measures how much of the skipped compute turns into speed.
 import torch
 
 
-PVT_FIELDS = (
-    "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads",
-    "mlp_ratios", "hidden_act", "layer_norm_eps", "qkv_bias", "image_size", "num_channels",
-)
 OPEN = 30.0  # a gate logit margin no feature overturns
 
 
@@ -23,10 +19,7 @@ def build_dit_pair(variant, image_size=224, **dit_overrides):
     from hf_msvit import DiTConfig, DiTForImageClassification
 
     torch.manual_seed(0)
-    reference = DiTConfig.from_variant(variant, image_size=image_size)
-    pvt_config = PvtV2Config(
-        **{name: getattr(reference, name) for name in PVT_FIELDS}, num_labels=1000
-    )
+    pvt_config = PvtV2Config(**DiTConfig.from_variant(variant).pvt_v2_shape(), image_size=image_size, num_labels=1000)
     pvt = PvtV2ForImageClassification(pvt_config).eval()
     dit = DiTForImageClassification.from_pvt_v2_pretrained(pvt, routing_mode="dynamic", **dit_overrides).eval()
     return pvt, dit
@@ -39,6 +32,15 @@ def static_dit_macs(variant, image_size=224, **_):
     config = DiTConfig.from_variant(variant, image_size=image_size, num_labels=1000)
     head = config.hidden_sizes[-1] * 1000
     return dit_route_macs(config, image_size, image_size, "static") + head
+
+
+def dit_gate_state(dit) -> dict[str, torch.Tensor]:
+    """The values of every gate parameter and buffer, by name: loading them back restores this route."""
+    return {
+        name: tensor.detach().clone()
+        for name, tensor in [*dit.named_parameters(), *dit.named_buffers()]
+        if "_gates." in name
+    }
 
 
 def _set_gate(gate, direction, bias):
@@ -71,7 +73,7 @@ def set_dit_keep_ratio(dit, pixel_values, ratio):
             continue
         direction = torch.randn(config.hidden_sizes[scale], generator=generator)
         captured = []
-        handle = gate.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
+        handle = gate.register_forward_hook(lambda module, args, output, store=captured: store.append(args[0].detach()))
         dit(pixel_values)
         handle.remove()
         scores = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]) @ direction

@@ -80,7 +80,6 @@ from hf_msvit import (
     hub,
 )
 from hf_msvit import data as builtin_data
-from hf_msvit.models.dit_routing.configuration_dit_routing import PER_SCALE_FIELDS
 from hf_msvit.training import (
     DynamicComputeTrainer,
     ImageTransform,
@@ -488,8 +487,7 @@ def fresh_backbone(model_args: ModelArguments, image_size: int, data: Data):
         vit_fields = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         config = transformers.ViTConfig(**{name: getattr(model_args, name) for name in vit_fields}, **common)
     elif model_args.pvt_variant:
-        shape = DiTConfig.from_variant(model_args.pvt_variant)
-        config = transformers.PvtV2Config(**{name: getattr(shape, name) for name in PER_SCALE_FIELDS}, **common)
+        config = transformers.PvtV2Config(**DiTConfig.from_variant(model_args.pvt_variant).pvt_v2_shape(), **common)
     else:
         config = transformers.PvtV2Config(
             hidden_sizes=[32, 64, 96, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4], **common

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, ViTConfig, ViTModel
 
-from hf_msvit import DiTBackbone, DiTForImageClassification, DiTModel
+from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTModel
 
 
 def tiny_pvt_v2(**overrides) -> PvtV2ForImageClassification:
@@ -77,7 +77,7 @@ def test_every_grid_copy_starts_from_its_pvt_v2_stage(pvt_checkpoint):
 
 
 def test_backbone_static_route_equals_pvt_v2_backbone(pvt_checkpoint):
-    pvt, path = pvt_checkpoint
+    _, path = pvt_checkpoint
     stages = ["stage1", "stage2", "stage3", "stage4"]
     dit = DiTBackbone.from_pvt_v2_pretrained(path, routing_mode="static", out_features=stages).eval()
     reference = PvtV2Backbone.from_pretrained(path, out_features=stages).eval()
@@ -92,13 +92,14 @@ def test_converted_model_runs_in_every_mode_and_full_costs_more(pvt_checkpoint):
     pvt, _ = pvt_checkpoint
     macs = {}
     for mode in ("static", "full", "dynamic"):
-        dit = DiTForImageClassification.from_pvt_v2_pretrained(pvt, routing_mode=mode).eval()
+        # the paper's init (every gate open with p = gate_init_compute_prob = 0.9) instead of upcycling's static route
+        dit = DiTForImageClassification.from_pvt_v2_pretrained(pvt, routing_mode=mode, gate_init="all_open").eval()
         with torch.no_grad():
             out = dit(pixels())
         assert torch.isfinite(out.logits).all()
         macs[mode] = out.macs[0].item()
     assert macs["full"] > 3 * macs["static"]
-    # fresh gates start open (p = gate_init_compute_prob = 0.9): the dynamic route starts close to the full grid
+    # all-open gates: the dynamic route starts close to the full grid
     assert macs["dynamic"] > 0.9 * macs["full"]
 
 
@@ -124,3 +125,49 @@ def test_static_route_is_exact_on_a_wider_grid(pvt_checkpoint):
     with torch.no_grad():
         torch.testing.assert_close(dit(pixels()).logits, pvt(pixels()).logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(dit(odd).logits, pvt(odd).logits, atol=1e-4, rtol=0)
+
+
+def test_upcycled_dynamic_model_starts_exactly_on_the_pvt_v2_route(pvt_checkpoint):
+    """Default upcycling (`gate_init="static_route"`): at step 0 the dynamic model is PVTv2 (logits, route) at 1.00x the
+    static cost (its gates add the rest)."""
+    pvt, _ = pvt_checkpoint
+    dit = DiTForImageClassification.from_pvt_v2_pretrained(pvt)
+    assert dit.config.routing_mode == "dynamic" and dit.config.gate_init == "static_route"
+    assert dit.config.gate_noise_scale == 0.0  # upcycling trains on the route inference takes
+    dit.eval()
+    batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out, expected = dit(batch), pvt(batch).logits
+    torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=0)
+    assert torch.equal(out.stage_keep_ratio, torch.eye(4).expand(4, 4, 4))
+    staircase = torch.zeros(3, 5)
+    staircase[[0, 1, 2], [1, 2, 3]] = 1
+    assert torch.equal(out.downsampled, staircase.expand(4, 3, 5))
+    dit.config.routing_mode = "static"
+    with torch.no_grad():
+        static = dit(batch)
+    dit.config.routing_mode = "dynamic"
+    gates = out.macs - static.macs  # the only extra: the gates' own cost (tiny widths make it 1% here)
+    assert (gates > 0).all() and (gates < 0.015 * static.macs).all(), gates / static.macs
+    # training prices the same route (deterministic decisions): the budget loss at step 0 is (1.00 - target) ** 2
+    dit.train()
+    torch.manual_seed(0)
+    trained = dit(batch, labels=torch.tensor([0, 1, 2, 3]))
+    budget_loss = trained.budget_loss
+    torch.testing.assert_close(trained.macs, out.macs)  # no Gumbel noise: the training forward took the same route
+    expected_cost = (out.macs - dit.classifier.weight.numel()).mean() / dit.dit.static_macs(64)
+    torch.testing.assert_close(budget_loss, (expected_cost - dit.config.budget_target) ** 2)
+
+
+def test_upcycled_pvt_v2_b0_costs_1_00x_at_step_0():
+    """PVTv2-b0 at 96 px (the built-in data's size) upcycled: the dynamic model costs 1.00x the static route."""
+    pvt_config = PvtV2Config(**DiTConfig.from_variant("b0").pvt_v2_shape(), image_size=96, num_labels=10)
+    torch.manual_seed(0)
+    pvt = PvtV2ForImageClassification(pvt_config).eval()
+    dit = DiTForImageClassification.from_pvt_v2_pretrained(pvt).eval()
+    batch = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = dit(batch)
+        torch.testing.assert_close(out.logits, pvt(batch).logits, atol=1e-4, rtol=0)
+    cost = (out.macs / dit.static_macs()).tolist()
+    assert [f"{c:.2f}" for c in cost] == ["1.00", "1.00"] and min(cost) >= 1.0, cost

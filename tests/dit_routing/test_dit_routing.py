@@ -1,48 +1,13 @@
-"""DiT routing: config checks, variants, sparse paths against the dense reference, MAC accounting (analytic vs
-FlopCounterMode vs the paper), budget loss, EMA gates, eval determinism, eager = sdpa, torch.compile, DDP safety."""
-
-import math
-import os
-import tempfile
+"""DiT routing: config checks, input checks, variants, sparse paths against the dense reference, MAC accounting
+(analytic vs FlopCounterMode vs the paper), eval determinism, eager = sdpa, torch.compile, backbone, pipeline."""
 
 import pytest
 import torch
+from _dit_tiny import build, pixels, tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTModel
+from hf_msvit import DiTBackbone, DiTConfig, DiTModel
 from hf_msvit.models.dit_routing.modeling_dit_routing import DiTGate, DiTStage, dit_route_macs
-
-
-def tiny_config(**overrides) -> DiTConfig:
-    values = {
-        "image_size": 64,
-        "hidden_sizes": [8, 16, 24, 32],
-        "num_attention_heads": [1, 2, 3, 4],
-        "depths": [1, 2, 1, 1],
-        "sr_ratios": [4, 2, 1, 1],
-        "mlp_ratios": [2, 2, 2, 2],
-        "num_labels": 5,
-        # p(open) = 0.5 and larger gate weights: a random model routes part of the tokens and images.
-        "gate_init_compute_prob": 0.5,
-        "initializer_range": 0.2,
-        "attn_implementation": "eager",
-    }
-    values.update(overrides)
-    return DiTConfig(**values)
-
-
-def pixels(batch=3, size=64, seed=0):
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def build(model_class=DiTForImageClassification, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return model_class(tiny_config(**overrides)).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -63,6 +28,22 @@ def build(model_class=DiTForImageClassification, seed=0, **overrides):
 def test_inconsistent_config_raises_value_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         DiTConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((2, 1, 64, 64), r"\(batch_size, 3, height, width\), got \(2, 1, 64, 64\)"),
+        ((2, 4, 64, 64), "num_channels=3"),
+        ((3, 64, 64), r"shape \(batch_size, 3, height, width\)"),
+        ((0, 3, 64, 64), "no image"),
+        ((1, 3, 8, 8), "spatial-reduction ratio"),
+    ],
+)
+def test_bad_pixel_values_give_a_value_error_naming_the_expected_shape(shape, message):
+    model = build()
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(torch.zeros(shape))
 
 
 def test_from_variant_gives_pvt_v2_shapes():
@@ -91,15 +72,11 @@ def test_config_round_trip_and_trainer_keys(tmp_path):
         assert key in DiTConfig.keys_to_ignore_at_inference
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sparse (gather) paths equal the dense masked reference
-# ----------------------------------------------------------------------------------------------------------------------
-
-
+@pytest.mark.parametrize("stage_input", ["full_map", "masked_map"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("scale", [0, 1, 3])
-def test_stage_gather_path_equals_dense_masked_reference(scale, attn_implementation):
-    config = tiny_config(attn_implementation=attn_implementation)
+def test_stage_gather_path_equals_dense_masked_reference(scale, attn_implementation, stage_input):
+    config = tiny_config(attn_implementation=attn_implementation, stage_input=stage_input)
     model = DiTModel(config).eval()
     stage: DiTStage = model.grid[scale][0]
     side = 16 >> scale
@@ -120,10 +97,11 @@ def test_stage_gather_path_equals_dense_masked_reference(scale, attn_implementat
     torch.testing.assert_close(gathered[1], dense[1], atol=1e-5, rtol=1e-5)
 
 
-def test_model_sparse_inference_equals_dense_reference(monkeypatch):
+@pytest.mark.parametrize("stage_input", ["full_map", "masked_map"])
+def test_model_sparse_inference_equals_dense_reference(monkeypatch, stage_input):
     """The inference forward (sub-batches, gathered tokens, skipped nodes) gives the same outputs as the dense training
     path run with the same (deterministic) gate decisions."""
-    model = build()
+    model = build(stage_input=stage_input)
     batch = pixels(4)
     with torch.no_grad():
         sparse = model(batch, output_hidden_states=True)
@@ -132,11 +110,11 @@ def test_model_sparse_inference_equals_dense_reference(monkeypatch):
 
     deterministic = DiTGate.forward
 
-    def eval_decisions(gate, features):
+    def eval_decisions(gate, features, threshold=0.5):
         was_training = gate.training
         gate.training = False
         try:
-            return deterministic(gate, features)
+            return deterministic(gate, features, threshold)
         finally:
             gate.training = was_training
 
@@ -152,6 +130,20 @@ def test_model_sparse_inference_equals_dense_reference(monkeypatch):
     torch.testing.assert_close(dense.downsampled, sparse.downsampled)
 
 
+def test_masked_map_stage_input_changes_what_kept_tokens_see():
+    """`stage_input="masked_map"` (Eq. 4 literally) feeds the stage G * F: kept tokens get other values than with the
+    full map, skipped tokens keep their input values either way."""
+    outputs = {}
+    for stage_input in ("full_map", "masked_map"):
+        stage = build(DiTModel, stage_input=stage_input).grid[0][0]
+        hidden = torch.randn(2, 256, 8, generator=torch.Generator().manual_seed(0))
+        selected = torch.rand(2, 256, generator=torch.Generator().manual_seed(1)) < 0.5
+        with torch.no_grad():
+            outputs[stage_input] = stage.forward_selected(hidden, 16, 16, selected)
+        torch.testing.assert_close(outputs[stage_input][~selected], hidden[~selected])
+    assert not torch.allclose(outputs["full_map"][selected], outputs["masked_map"][selected], atol=1e-3)
+
+
 def test_image_output_does_not_depend_on_the_batch():
     model = build()
     batch = pixels(4)
@@ -163,11 +155,6 @@ def test_image_output_does_not_depend_on_the_batch():
     assert len(set(together.macs.tolist())) > 1, "images should take different routes"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Routing modes and MAC accounting
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def test_static_and_full_macs_equal_the_analytic_count():
     for mode in ("static", "full"):
         model = build(routing_mode=mode)
@@ -176,7 +163,9 @@ def test_static_and_full_macs_equal_the_analytic_count():
         head = model.classifier.weight.numel()
         expected = dit_route_macs(model.config, 64, 64, mode) + head
         assert out.macs.tolist() == [expected, expected]
-        assert model.static_macs(routing_mode=mode) == expected == model.dit.static_macs(64, mode) + head
+        route_macs = model.static_macs() if mode == "static" else model.full_grid_macs()
+        dit_macs = model.dit.static_macs(64) if mode == "static" else model.dit.full_grid_macs(64)
+        assert route_macs == expected == dit_macs + head
         assert out.budget_loss is None
         keep = out.stage_keep_ratio[0]
         if mode == "static":
@@ -245,115 +234,6 @@ def test_output_node_is_reached_even_with_every_column_gate_closed():
     assert (out.macs < dit_route_macs(model.config, 64, 64, "static")).all()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training: budget loss, Gumbel, EMA, DDP safety
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def test_budget_loss_is_folded_into_loss_and_reaches_every_gate():
-    model = build(budget_loss_weight=0.5, budget_target=0.3)
-    model.train()
-    labels = torch.tensor([0, 1, 2])
-    torch.manual_seed(1)
-    out = model(pixels(3), labels=labels)
-    cross_entropy = torch.nn.functional.cross_entropy(out.logits, labels)
-    torch.testing.assert_close(out.loss, cross_entropy + 0.5 * out.budget_loss)
-    static_cost = dit_route_macs(model.config, 64, 64, "static")
-    backbone_macs = out.macs - model.classifier.weight.numel()  # the budget is about the routed grid
-    torch.testing.assert_close(out.budget_loss, (backbone_macs.mean() / static_cost - 0.3) ** 2)
-
-    out.budget_loss.backward()
-    row_grads = [gate.weight.grad for row in model.dit.row_gates for gate in row]
-    column_grads = [gate.weight.grad for row in model.dit.column_gates for gate in row]
-    assert all(g is not None for g in row_grads + column_grads)
-    assert sum(g.abs().sum() for g in row_grads) > 0
-    assert sum(g.abs().sum() for g in column_grads) > 0
-
-
-def test_dynamic_training_puts_every_parameter_in_the_graph():
-    """DDP with find_unused_parameters=False works in dynamic mode: every parameter gets a gradient every step."""
-    model = build()
-    model.train()
-    out = model(pixels(2), labels=torch.tensor([0, 1]))
-    out.loss.backward()
-    missing = [name for name, p in model.named_parameters() if p.grad is None]
-    assert not missing, missing
-
-
-def test_static_training_leaves_off_route_parameters_unused():
-    """The DDP-unsafe situation the docs warn about: static (and full) routing never runs the gates (static also skips
-    off-route stages), so DDP needs `find_unused_parameters=True` (Trainer's default unless gradient checkpointing)."""
-    model = build(routing_mode="static")
-    model.train()
-    model(pixels(2), labels=torch.tensor([0, 1])).loss.backward()
-    unused = {name.split(".")[1] for name, p in model.named_parameters() if p.grad is None}
-    assert unused == {"grid", "patch_embeddings", "row_gates", "column_gates"}, unused
-
-
-def test_training_samples_gates_and_updates_ema_while_eval_is_deterministic():
-    model = build()
-    gate = model.dit.row_gates[0][0]
-    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    with torch.no_grad():
-        first, second = model(pixels(2)), model(pixels(2))
-    torch.testing.assert_close(first.logits, second.logits, atol=0, rtol=0)
-    assert all(torch.equal(before[name], buffer) for name, buffer in model.named_buffers()), "eval mutated buffers"
-
-    model.train()
-    torch.manual_seed(0)
-    model(pixels(2))
-    assert gate.ema_steps.item() == 1
-    torch.testing.assert_close(gate.inference_weights()[0], gate.weight.detach())  # bias-corrected first step
-    torch.manual_seed(0)
-    decisions = [model(pixels(2)).stage_keep_ratio for _ in range(3)]
-    assert not all(torch.equal(decisions[0], d) for d in decisions[1:]), "Gumbel sampling should vary decisions"
-
-
-def test_ema_weights_are_saved_and_used_at_inference(tmp_path):
-    model = build()
-    model.train()
-    for _ in range(3):
-        out = model(pixels(2), labels=torch.tensor([0, 1]))
-        out.loss.backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p -= 0.5 * p.grad
-                    p.grad = None
-    model.eval()
-    gate = model.dit.row_gates[1][2]
-    assert not torch.allclose(gate.inference_weights()[0], gate.weight)  # EMA lags the trained weights
-    with torch.no_grad():
-        expected = model(pixels(2))
-    model.save_pretrained(tmp_path)
-    loaded = DiTForImageClassification.from_pretrained(tmp_path).eval()
-    assert loaded.dit.row_gates[1][2].ema_steps.item() == 3
-    with torch.no_grad():
-        actual = loaded(pixels(2))
-    torch.testing.assert_close(actual.logits, expected.logits)
-    torch.testing.assert_close(actual.macs, expected.macs)
-
-
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = build(seed=3)
-    model.train()
-    batch, labels = pixels(2), torch.tensor([0, 1])
-    torch.manual_seed(0)
-    model(batch, labels=labels).loss.backward()
-    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(0)
-    model(batch, labels=labels).loss.backward()
-    for name, parameter in model.named_parameters():
-        torch.testing.assert_close(parameter.grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Attention backends, compile, backbone
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("routing_mode", ["static", "dynamic"])
 def test_eager_equals_sdpa(routing_mode):
     model = build(routing_mode=routing_mode)
@@ -420,43 +300,10 @@ def test_backbone_plugs_into_upernet():
     assert logits.shape == (2, 4, 64, 64)
 
 
-def test_ddp_training_step_in_dynamic_mode_without_find_unused_parameters():
-    """Two gloo processes, `find_unused_parameters=False`, dynamic routing: two steps run (no reduction error)."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        # fork: the workers inherit the imported modules (spawn would re-import torch and transformers, ~10 s)
-        mp.start_processes(
-            _ddp_worker, args=(2, os.path.join(tmp, "rendezvous")), nprocs=2, join=True, start_method="fork"
-        )
-
-
-def _ddp_worker(rank, world_size, init_file):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        model = build(seed=0)
-        model.train()
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        for step in range(2):
-            torch.manual_seed(10 * rank + step)
-            out = ddp(pixels(2, seed=rank + step), labels=torch.tensor([0, 1]))
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        if not math.isfinite(out.loss.item()):
-            raise RuntimeError("non-finite loss")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_return_dict_false_in_config_gives_tuples():
     model = build(return_dict=False)
     with torch.no_grad():
-        logits, budget_loss, macs, downsampled, stage_keep, keep = model(pixels(2))
+        logits, _budget_loss, macs, _downsampled, stage_keep, keep = model(pixels(2))
     assert logits.shape == (2, 5) and macs.shape == (2,) and stage_keep.shape == (2, 4, 4) and keep.shape == (2,)
     backbone = build(DiTBackbone, return_dict=False, out_features=["stage1", "stage4"])
     with torch.no_grad():
@@ -493,16 +340,26 @@ def test_pipeline_and_trainer_see_only_logits(tmp_path):
     assert seen["shape"] == (4, 5) and "eval_accuracy" in metrics
 
 
-def test_bfloat16_model_counts_macs_in_float32():
-    model = build(routing_mode="static").to(torch.bfloat16)
+@pytest.mark.parametrize("block_floats", [None, 1 << 19, 64])  # None: the one-step plan of accelerators
+@pytest.mark.parametrize("stage_input", ["full_map", "masked_map"])
+def test_inference_paths_equal_the_dense_training_path(monkeypatch, block_floats, stage_input):
+    """The inference stage (cache-blocked MLP: a few images and a slice of the intermediate channels at a time; gathered
+    tokens) equals the plain dense path autograd uses, for every token and for a selection (fp32, 1e-5). A tiny block
+    size forces one image and a few channels per step."""
+    from hf_msvit.models.dit_routing import modeling_dit_routing
+
+    monkeypatch.setattr(modeling_dit_routing, "_FEED_FORWARD_BLOCK_FLOATS", block_floats)
+    config = tiny_config(stage_input=stage_input, mlp_ratios=[4, 4, 4, 4], depths=[2, 2, 2, 2])
+    stage = DiTModel(config).grid[1][0].eval()
+    hidden = torch.randn(3, 64, config.hidden_sizes[1], generator=torch.Generator().manual_seed(0))
+    selected = torch.rand(3, 64, generator=torch.Generator().manual_seed(1)) < 0.6
+    selected[0] = True
     with torch.no_grad():
-        out = model(pixels(2).to(torch.bfloat16))
-    assert out.logits.dtype == torch.bfloat16 and out.macs.dtype == torch.float32
-    assert out.macs[0].item() == dit_route_macs(model.config, 64, 64, "static") + model.classifier.weight.numel()
-    model = build().to(torch.bfloat16)
-    with torch.no_grad():
-        assert torch.isfinite(model(pixels(2).to(torch.bfloat16)).logits).all()
-    model.train()
-    out = model(pixels(2).to(torch.bfloat16), labels=torch.tensor([0, 1]))
-    out.loss.backward()
-    assert out.macs.dtype == torch.float32 and torch.isfinite(out.loss)
+        for mask in (None, selected):
+            with torch.enable_grad():  # grad mode: `forward` takes the plain dense path
+                reference = stage(hidden, 8, 8, None if mask is None else mask.float())
+            fast = stage(hidden, 8, 8) if mask is None else stage.forward_selected(hidden, 8, 8, mask)
+            torch.testing.assert_close(fast, reference.detach(), atol=1e-5, rtol=1e-5)
+    if block_floats == 64:
+        channels, blocks = modeling_dit_routing._TokenSelection.every_token(3, 64).feed_forward_plan(64, 64)
+        assert channels < 64 and len(blocks) == 3  # really blocked

@@ -181,19 +181,7 @@ def test_resume_from_sharded_checkpoint_continues_the_same_run(fsdp_run, kind):
         assert resumed == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "msvit",
-        pytest.param(
-            "dit_routing",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="DiTGate mixes its fp32 EMA buffers with bf16 parameters (inference_weights, update_ema)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", KINDS)
 def test_bf16_mixed_precision_runs_close_to_fp32(fsdp_run, reference, kind):
     """`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`: a guarded evaluation and a training step
     run, and the step's loss is within bf16 rounding of fp32's."""

@@ -1,11 +1,19 @@
 """DiT: dynamic token routing for vision transformers (arXiv 2308.03409), PVTv2 as a routing grid."""
 
-from .configuration_dit_routing import DiTConfig
+from .configuration_dit_routing import PVT_V2_SHAPE_FIELDS, DiTConfig
 from .image_processing_dit_routing import DiTImageProcessor
-from .modeling_dit_routing import DiTBackbone, DiTForImageClassification, DiTModel, DiTPreTrainedModel, dit_route_macs
+from .modeling_dit_routing import (
+    DiTBackbone,
+    DiTForImageClassification,
+    DiTModel,
+    DiTPreTrainedModel,
+    dit_route_macs,
+    mean_token_keep_ratio,
+)
 
 
 __all__ = [
+    "PVT_V2_SHAPE_FIELDS",
     "DiTBackbone",
     "DiTConfig",
     "DiTForImageClassification",
@@ -13,4 +21,5 @@ __all__ = [
     "DiTModel",
     "DiTPreTrainedModel",
     "dit_route_macs",
+    "mean_token_keep_ratio",
 ]

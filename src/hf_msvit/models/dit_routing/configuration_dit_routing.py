@@ -29,6 +29,21 @@ for _name in ("dit_routing", "dit-routing"):
 
 
 ROUTING_MODES = ("dynamic", "static", "full")
+GATE_INITS = ("all_open", "static_route")
+STAGE_INPUTS = ("full_map", "masked_map")
+BUDGET_DECISIONS = ("deterministic", "sampled")
+
+# The fields that define a PVTv2 network (DiT and `PvtV2Config` share their names and meanings): the one list the
+# converter, `DiTConfig.pvt_v2_shape()` and everything that builds a PVTv2 twin of a DiT use.
+PVT_V2_SHAPE_FIELDS = (
+    "num_channels", "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides",
+    "num_attention_heads", "mlp_ratios", "hidden_act", "layer_norm_eps", "qkv_bias",
+)  # fmt: skip
+# The shape plus the input size, regularization and initialization settings that upcycling copies from PVTv2.
+PVT_V2_SHARED_FIELDS = PVT_V2_SHAPE_FIELDS + (
+    "image_size", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "drop_path_rate",
+)  # fmt: skip
+# Shape fields with one value per scale.
 PER_SCALE_FIELDS = (
     "depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios",
 )  # fmt: skip
@@ -40,7 +55,7 @@ AUTO_MAP = {
     "AutoBackbone": "modeling_dit_routing.DiTBackbone",
 }
 
-# PVTv2-B0..B5 shapes (whai362/PVT `classification/pvt_v2.py`), with the PVTv2 drop-path rates (dit.md §4.1, §7.10).
+# PVTv2-B0..B5 shapes (whai362/PVT `classification/pvt_v2.py`) with PVTv2's own drop-path rates.
 _NARROW, _WIDE = [32, 64, 160, 256], [64, 128, 320, 512]
 DIT_VARIANTS = {
     "b0": {"hidden_sizes": _NARROW, "depths": [2, 2, 2, 2], "mlp_ratios": [8, 8, 4, 4], "drop_path_rate": 0.1},
@@ -78,17 +93,49 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         `"full"`: every gate open, every token computed (the paper's "Fully" ablation, about 4x the static cost).
     gumbel_temperature (`float`, *optional*, defaults to 1.0):
         Temperature of the straight-through Gumbel-softmax that samples gate decisions in training.
+    gate_noise_scale (`float`, *optional*, defaults to 1.0):
+        Scale of the Gumbel noise of the training decisions (1: the paper's Gumbel-softmax samples; 0: training takes
+        the deterministic decisions inference takes, `p >= 0.5`, with straight-through gradients of the soft sample, so
+        the budget binds on the route evaluation computes). `from_pvt_v2_pretrained` uses 0 unless told otherwise.
     gate_ema_momentum (`float`, *optional*, defaults to 0.999):
-        Momentum `m` of the EMA copies of the gate weights (`w_ema <- m * w_ema + (1 - m) * w`, paper Eq. 3), updated
-        at every training forward and used for the deterministic decisions at inference.
+        Momentum `m` of the EMA copies of the gate weights (`w_ema <- m_t * w_ema + (1 - m_t) * w`, paper Eq. 3),
+        updated at every training forward and used for the deterministic decisions at inference. The EMA is kept in
+        float32 whatever the model's dtype.
+    gate_ema_warmup_steps (`int`, *optional*, defaults to 10):
+        Warm-up of the EMA momentum: update `t` (from 0) uses `m_t = min(m, t / (t + gate_ema_warmup_steps))`, so the
+        first update copies the weights and a short run's EMA follows the trained gates instead of lagging behind them
+        (`m_t` reaches 0.9 after 90 updates and 0.99 after 990 with the default 10). 0 turns the warm-up off.
+    gate_init (`str`, *optional*, defaults to `"all_open"`):
+        How new gates start. `"all_open"`: every gate opens with probability `gate_init_compute_prob` (the paper,
+        which starts with every mask entry at 1; for training from scratch). `"static_route"`: the gates of PVTv2's
+        staircase (stage `i` at column `i`, edge `i -> i + 1` at column `i + 1`) open with probability
+        `gate_init_compute_prob`, all others with `1 - gate_init_compute_prob`, and gate weights start at zero: an
+        upcycled model starts at exactly PVTv2's route and cost. `from_pvt_v2_pretrained` uses `"static_route"` unless
+        told otherwise.
     gate_init_compute_prob (`float`, *optional*, defaults to 0.9):
-        Initial probability that a gate opens (a token is computed, an image is downsampled); sets the gate biases.
-        The paper starts with every mask entry at 1.
+        Initial probability that an open gate opens (a token is computed, an image is downsampled); sets the gate
+        biases (see `gate_init`).
+    gate_threshold (`float`, *optional*, defaults to 0.5):
+        At inference a row gate computes a token when its probability of computing it (under the EMA weights) is
+        `>= gate_threshold` (0.5: the more likely choice). Higher values compute fewer tokens. Can also be passed to
+        `forward`. Column gates always take the more likely choice.
+    stage_input (`str`, *optional*, defaults to `"full_map"`):
+        What a transformer stage sees of the tokens its row gate skips. `"full_map"`: their identity values (they
+        supply keys/values and enter the depth-wise conv of the first block unchanged), so a stage that computes most
+        tokens stays close to the PVTv2 stage it was upcycled from. `"masked_map"`: the paper's Eq. 4 read literally,
+        the stage runs on the masked map `G * F` (skipped tokens are zeros inside the stage). Skipped tokens keep their
+        input values in the node either way, and both cost the same.
     budget_target (`float`, *optional*, defaults to 1.0):
-        Target `mu` of the budget loss: the wanted expected cost of the routed grid, relative to the cost of the static
-        PVTv2 route at the same input size. The paper's DiT-B1..B4 sit at about 0.95, DiT-B5 at about 0.87.
+        Target `mu` of the budget loss: the wanted cost of the routed grid, relative to the cost of the static PVTv2
+        route at the same input size. The paper's DiT-B1..B4 sit at about 0.95, DiT-B5 at about 0.87.
     budget_loss_weight (`float`, *optional*, defaults to 1.0):
         Weight `lambda_C` of the budget loss when it is folded into `loss` (dynamic mode only).
+    budget_decisions (`str`, *optional*, defaults to `"deterministic"`):
+        Which decisions the budget loss prices in training. `"deterministic"`: the decisions inference would take with
+        the current gate weights (`p >= gate_threshold` for rows, the likelier choice for columns; straight-through
+        gradients of the probabilities), so the budget binds on what evaluation computes. `"sampled"`: the Gumbel
+        samples the training forward used (the paper); their cost is an expectation over samples, which differs from
+        what the deterministic inference computes when many probabilities sit between 0 and 1.
     drop_path_rate (`float`, *optional*, defaults to 0.0):
         Stochastic depth rate, spread linearly over the blocks of one PVTv2 pass (the same rate for every copy of a
         block in the grid).
@@ -140,17 +187,23 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
     num_routing_columns: int = 4
     routing_mode: str = "dynamic"
     gumbel_temperature: float | int = 1.0
+    gate_noise_scale: float | int = 1.0
     gate_ema_momentum: float | int = 0.999
+    gate_ema_warmup_steps: int = 10
+    gate_init: str = "all_open"
     gate_init_compute_prob: float | int = 0.9
+    gate_threshold: float | int = 0.5
+    stage_input: str = "full_map"
     budget_target: float | int = 1.0
     budget_loss_weight: float | int = 1.0
+    budget_decisions: str = "deterministic"
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        for name in PER_SCALE_FIELDS[:-1]:
-            setattr(self, name, [int(v) for v in getattr(self, name)])
-        self.mlp_ratios = list(self.mlp_ratios)
+        for name in PER_SCALE_FIELDS:  # lists (JSON round trip); integers except the MLP ratios
+            values = list(getattr(self, name))
+            setattr(self, name, values if name == "mlp_ratios" else [int(v) for v in values])
         # The one place that writes `auto_map`: every checkpoint names all our classes, so `AutoModel`/`AutoBackbone`
         # also load a classification checkpoint with trust_remote_code=True. (`register_for_auto_class` in the modeling
         # file only makes `save_pretrained` copy the code; it adds no entry beyond these.)
@@ -166,6 +219,10 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
 
     def validate_architecture(self):
         """Checks that the values fit together; raises `ValueError` naming the field to fix."""
+        self._validate_shape()
+        self._validate_routing()
+
+    def _validate_shape(self):
         num_scales = self.num_encoder_blocks
         if num_scales < 1:
             raise ValueError(f"num_encoder_blocks must be >= 1, got {num_scales}.")
@@ -183,27 +240,37 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
                 raise ValueError(
                     f"hidden_sizes[{scale}] ({hidden}) must be divisible by num_attention_heads[{scale}] ({heads})."
                 )
-        if self.routing_mode not in ROUTING_MODES:
-            raise ValueError(f"routing_mode must be one of {ROUTING_MODES}, got {self.routing_mode!r}.")
-        if self.num_routing_columns < num_scales:
-            raise ValueError(
-                f"num_routing_columns ({self.num_routing_columns}) must be >= num_encoder_blocks ({num_scales}): the "
-                "static route runs stage i at column i, so the grid needs at least one column per scale."
-            )
-        if self.gumbel_temperature <= 0:
-            raise ValueError(f"gumbel_temperature must be positive, got {self.gumbel_temperature}.")
-        if not 0.0 <= self.gate_ema_momentum < 1.0:
-            raise ValueError(f"gate_ema_momentum must lie in [0, 1), got {self.gate_ema_momentum}.")
-        if not 0.0 < self.gate_init_compute_prob < 1.0:
-            raise ValueError(f"gate_init_compute_prob must lie in (0, 1), got {self.gate_init_compute_prob}.")
-        if self.budget_target <= 0:
-            raise ValueError(
-                f"budget_target must be positive (relative to the static PVTv2 cost), got {self.budget_target}."
-            )
-        if self.budget_loss_weight < 0:
-            raise ValueError(f"budget_loss_weight must be >= 0, got {self.budget_loss_weight}.")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must lie in [0, 1), got {self.drop_path_rate}.")
+
+    def _validate_routing(self):
+        for name, choices in (
+            ("routing_mode", ROUTING_MODES),
+            ("gate_init", GATE_INITS),
+            ("stage_input", STAGE_INPUTS),
+            ("budget_decisions", BUDGET_DECISIONS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
+        if self.num_routing_columns < self.num_encoder_blocks:
+            raise ValueError(
+                f"num_routing_columns ({self.num_routing_columns}) must be >= num_encoder_blocks "
+                f"({self.num_encoder_blocks}): the static route runs stage i at column i, so the grid needs at least "
+                "one column per scale."
+            )
+        checks = (
+            ("gumbel_temperature", self.gumbel_temperature > 0, "positive"),
+            ("gate_noise_scale", self.gate_noise_scale >= 0, ">= 0"),
+            ("gate_ema_momentum", 0.0 <= self.gate_ema_momentum < 1.0, "in [0, 1)"),
+            ("gate_ema_warmup_steps", self.gate_ema_warmup_steps >= 0, ">= 0"),
+            ("gate_init_compute_prob", 0.0 < self.gate_init_compute_prob < 1.0, "in (0, 1)"),
+            ("gate_threshold", 0.0 <= self.gate_threshold <= 1.0, "in [0, 1]"),
+            ("budget_target", self.budget_target > 0, "positive (relative to the static PVTv2 cost)"),
+            ("budget_loss_weight", self.budget_loss_weight >= 0, ">= 0"),
+        )
+        for name, valid, wanted in checks:
+            if not valid:
+                raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)}.")
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "DiTConfig":
@@ -211,18 +278,28 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         key = name.lower().removeprefix("dit-").removeprefix("dit_")
         if key not in DIT_VARIANTS:
             raise ValueError(f"Unknown DiT variant {name!r}; choose one of {sorted(DIT_VARIANTS)}.")
-        values = {name: list(v) if isinstance(v, list) else v for name, v in DIT_VARIANTS[key].items()}
+        values = {name: _plain(v) for name, v in DIT_VARIANTS[key].items()}
         values.update(overrides)
         return cls(**values)
-
-    @property
-    def num_scales(self) -> int:
-        return self.num_encoder_blocks
 
     @property
     def static_columns(self) -> list[int]:
         """Column of the one stage per scale that the static (PVTv2) route runs: stage `i` at column `i`."""
         return list(range(self.num_encoder_blocks))
 
+    @property
+    def linear_attention(self) -> bool:
+        """Read by transformers' PVTv2 blocks, which DiT reuses: DiT has no linear-attention ("-Li") variant."""
+        return False
 
-__all__ = ["DiTConfig"]
+    def pvt_v2_shape(self) -> dict:
+        """The `PvtV2Config` keyword arguments of the PVTv2 network this DiT is a grid of (`PVT_V2_SHAPE_FIELDS`), e.g.
+        `PvtV2Config(**DiTConfig.from_variant("b0").pvt_v2_shape(), image_size=96, num_labels=10)`."""
+        return {name: _plain(getattr(self, name)) for name in PVT_V2_SHAPE_FIELDS}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+__all__ = ["PVT_V2_SHAPE_FIELDS", "DiTConfig"]

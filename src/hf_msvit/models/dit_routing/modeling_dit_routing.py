@@ -22,32 +22,36 @@ scale `i + 1`) into node `F[i + 1][j]`. A node sums what reaches it (paper Eq. 4
 
 with `G` the per-token row gate of `grid[i][j-1]` and `g` the per-image column gate of `patch_embeddings[i-1][j]`.
 
-Multiply-accumulates: every module that computes something has a static `macs(...)` beside it; `DiTModel` sums those
-for the route an image took (`macs` output), the budget loss uses the same sum, and `dit_route_macs` gives the
-analytic cost of the static and full routes from a config alone.
+PVTv2's modules come from transformers (`transformers.models.pvt_v2.modeling_pvt_v2`), subclassed where DiT adds
+something, so the parameter names the PVTv2 converter maps are PVTv2's own.
+
+Multiply-accumulates: every module that computes something has a static `macs(...)` beside it; `_RouteLedger` sums
+them for the route an image took (the `macs` output and the budget loss), and `dit_route_macs` runs the same ledger over
+the static or full route from a config alone.
 """
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers.initialization as init
 from torch import nn
-from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.pvt_v2.modeling_pvt_v2 import (
+    PvtV2ConvFeedForwardNetwork,
+    PvtV2DropPath,
+    PvtV2OverlapPatchEmbeddings,
+    PvtV2SelfAttention,
+)
+from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
 
 from .configuration_dit_routing import DiTConfig
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 @auto_docstring
@@ -141,11 +145,6 @@ class DiTBackboneOutput(BackboneOutput):
     token_keep_ratio: torch.FloatTensor | None = None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Building blocks (PVTv2's, same parameter names)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def _pair(value) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         return int(value[0]), int(value[1])
@@ -156,28 +155,23 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-class DiTOverlapPatchEmbeddings(nn.Module):
-    """PVTv2's overlapping patch embedding into scale `scale`: strided convolution, then LayerNorm."""
+def _to_map(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`(batch, height * width, C)` tokens as a `(batch, C, height, width)` map in channels-last memory (a view, no
+    copy); convolutions keep that layout and `_to_tokens` of their output is again a view."""
+    height, width = size
+    return tokens.view(tokens.shape[0], height, width, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+def _to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
+    """`(batch, C, height, width)` map to `(batch, height * width, C)` tokens (a view for a channels-last map)."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+class DiTOverlapPatchEmbeddings(PvtV2OverlapPatchEmbeddings):
+    """PVTv2's overlapping patch embedding into scale `scale` (strided convolution, then LayerNorm), with its cost."""
 
     def __init__(self, config: DiTConfig, scale: int):
-        super().__init__()
-        patch_size = config.patch_sizes[scale]
-        num_channels = config.num_channels if scale == 0 else config.hidden_sizes[scale - 1]
-        self.proj = nn.Conv2d(
-            num_channels,
-            config.hidden_sizes[scale],
-            kernel_size=patch_size,
-            stride=config.strides[scale],
-            padding=patch_size // 2,
-        )
-        self.layer_norm = nn.LayerNorm(config.hidden_sizes[scale], eps=config.layer_norm_eps)
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        embeddings = self.proj(pixel_values)
-        _, _, height, width = embeddings.shape
-        embeddings = embeddings.flatten(2).transpose(1, 2)
-        embeddings = self.layer_norm(embeddings)
-        return embeddings, height, width
+        super().__init__(config, layer_idx=scale)
 
     @staticmethod
     def output_size(config: DiTConfig, scale: int, height: int, width: int) -> tuple[int, int]:
@@ -197,113 +191,108 @@ class DiTOverlapPatchEmbeddings(nn.Module):
 class DiTGate(nn.Module):
     """A routing gate: one linear projection to two logits (index 1 = compute / open), paper Eq. 1.
 
-    The trained weights are used (with Gumbel noise) in training; the EMA copies `ema_weight`/`ema_bias` (Eq. 3) at
-    inference. Row gates see every token of a node, column gates the node's mean-pooled features.
+    Only the difference of the two logits matters (`p(open) = softmax(logits)[1] = sigmoid(l1 - l0)`), so the gate
+    projects onto `weight[1] - weight[0]`: one multiply-accumulate per channel and token. Training samples decisions
+    with the trained weights (Gumbel noise); inference decides with their EMA copies `ema_weight` / `ema_bias` (Eq. 3),
+    kept in float32 whatever the model's dtype. Row gates see every token of a node, column gates the node's
+    mean-pooled features. `on_static_route` marks the gates of PVTv2's own route.
     """
 
-    def __init__(self, config: DiTConfig, scale: int):
+    def __init__(self, config: DiTConfig, scale: int, on_static_route: bool):
         super().__init__()
         hidden_size = config.hidden_sizes[scale]
         self.weight = nn.Parameter(torch.empty(2, hidden_size))
         self.bias = nn.Parameter(torch.empty(2))
-        # Zero-initialized EMA with a step count, read bias-corrected (`ema / (1 - m**steps)`, as Adam does): after the
-        # first update it equals the weights; before any update (a new or converted model) the gate uses `weight`.
-        self.ema_weight = nn.Buffer(torch.zeros(2, hidden_size))
-        self.ema_bias = nn.Buffer(torch.zeros(2))
-        self.ema_steps = nn.Buffer(torch.zeros(()))
+        self.ema_weight = nn.Buffer(torch.zeros(2, hidden_size, dtype=torch.float32))
+        self.ema_bias = nn.Buffer(torch.zeros(2, dtype=torch.float32))
+        self.ema_steps = nn.Buffer(torch.zeros((), dtype=torch.long))  # before the first update the gate uses `weight`
         self.momentum = config.gate_ema_momentum
+        self.warmup_steps = config.gate_ema_warmup_steps
         self.temperature = config.gumbel_temperature
+        self.noise_scale = config.gate_noise_scale
+        self.on_static_route = on_static_route
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
         """Gate decisions for `features` (`(..., hidden_size)`): hard 0/1 values of shape `(...)`.
 
-        Training: straight-through Gumbel-softmax samples (values 0/1, gradients of the soft sample). Inference:
-        deterministic `argmax` under the EMA weights.
+        Training: straight-through Gumbel-softmax samples (values 0/1, gradients of the soft sample; with two classes
+        the Gumbel noise of the logit difference is logistic). Inference: deterministic, open where p(open) under the
+        EMA weights is `>= threshold`.
         """
         if self.training:
-            logits = nn.functional.linear(features, self.weight, self.bias)
-            return nn.functional.gumbel_softmax(logits, tau=self.temperature, hard=True)[..., 1]
+            logit = self._open_logit(features, self.weight, self.bias).float()
+            uniform = torch.rand_like(logit).clamp(torch.finfo(logit.dtype).tiny, 1.0 - torch.finfo(logit.dtype).eps)
+            noise = self.noise_scale * (torch.log(uniform) - torch.log1p(-uniform))
+            soft = torch.sigmoid((logit + noise) / self.temperature)
+            return ((soft >= 0.5).to(soft.dtype) - soft.detach() + soft).to(features.dtype)
         weight, bias = self.inference_weights()
-        logits = nn.functional.linear(features, weight, bias)
-        return (logits[..., 1] > logits[..., 0]).to(features.dtype)
+        logit = self._open_logit(features, weight.to(features.dtype), bias.to(features.dtype))
+        return (torch.sigmoid(logit) >= threshold).to(features.dtype)
+
+    def straight_through(self, features: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+        """The decisions inference would take with the current trained weights (`p >= threshold`), with the gradient of
+        `p` (straight-through): what the budget prices with `budget_decisions="deterministic"`."""
+        probability = torch.sigmoid(self._open_logit(features, self.weight, self.bias))
+        return (probability >= threshold).to(probability.dtype) - probability.detach() + probability
+
+    @staticmethod
+    def _open_logit(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """`l1 - l0`, the logit of p(open), of the projection `features @ weight.T + bias` onto the two classes."""
+        return features @ (weight[1] - weight[0]) + (bias[1] - bias[0])
 
     def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bias-corrected EMA weights, or the trained weights while no EMA update has happened yet."""
-        correction = (1.0 - self.momentum**self.ema_steps).clamp_min(1e-12)
+        """The EMA weights (float32), or the trained weights while no EMA update has happened yet."""
         trained = self.ema_steps > 0
-        weight = torch.where(trained, self.ema_weight / correction, self.weight)
-        bias = torch.where(trained, self.ema_bias / correction, self.bias)
-        return weight, bias
+        return torch.where(trained, self.ema_weight, self.weight), torch.where(trained, self.ema_bias, self.bias)
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """`ema <- m * ema + (1 - m) * weight` (paper Eq. 3); called once per training forward."""
-        self.ema_weight.lerp_(self.weight.detach(), 1.0 - self.momentum)
-        self.ema_bias.lerp_(self.bias.detach(), 1.0 - self.momentum)
+        """`ema <- m_t * ema + (1 - m_t) * weight` (paper Eq. 3) in float32, `m_t = min(m, t / (t + warmup))` at update
+        `t` (the first update copies the weights); called once per training forward."""
+        steps = self.ema_steps.float()
+        momentum = (steps / (steps + self.warmup_steps).clamp_min(1.0)).clamp(max=self.momentum)
+        self.ema_weight.lerp_(self.weight.detach().float(), 1.0 - momentum)
+        self.ema_bias.lerp_(self.bias.detach().float(), 1.0 - momentum)
         self.ema_steps.add_(1)
+
+    def _apply(self, fn, recurse=True):
+        # A dtype cast of the model (`.to(torch.bfloat16)`, `.half()`) must not round the EMA: in bfloat16 a momentum of
+        # 0.999 is 1.0 and the average would never move. Device moves apply as usual.
+        ema = {name: self._buffers[name] for name in ("ema_weight", "ema_bias")}
+        super()._apply(fn, recurse)
+        for name, before in ema.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = after.float() if before.is_meta else before.to(after.device)
+        return self
 
     @staticmethod
     def macs(num_tokens, hidden_size: int):
         """Multiply-accumulates of gating `num_tokens` tokens (a column gate gates one pooled token)."""
-        return num_tokens * hidden_size * 2
+        return num_tokens * hidden_size
 
 
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-):
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value)
-    attn_output = attn_output.transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
-
-class DiTSelfAttention(nn.Module):
-    """PVTv2's spatial-reduction attention. Queries may be a subset of the tokens; keys and values always come from the
-    whole (spatially reduced) map, in which skipped tokens carry their identity values (paper Eq. 4)."""
+class DiTSelfAttention(PvtV2SelfAttention):
+    """PVTv2's spatial-reduction attention (its parameters), with transformers' attention dispatch (sdpa / eager) and
+    queries that may be a subset of the tokens: keys and values come from the whole (spatially reduced) map."""
 
     def __init__(self, config: DiTConfig, scale: int):
-        super().__init__()
+        super().__init__(
+            config,
+            hidden_size=config.hidden_sizes[scale],
+            num_attention_heads=config.num_attention_heads[scale],
+            spatial_reduction_ratio=config.sr_ratios[scale],
+        )
         self.config = config
-        self.hidden_size = config.hidden_sizes[scale]
-        self.num_attention_heads = config.num_attention_heads[scale]
-        self.attention_head_size = self.hidden_size // self.num_attention_heads
         self.scaling = self.attention_head_size**-0.5
         self.is_causal = False
-        self.dropout_prob = config.attention_probs_dropout_prob
-        self.query = nn.Linear(self.hidden_size, self.hidden_size, bias=config.qkv_bias)
-        self.key = nn.Linear(self.hidden_size, self.hidden_size, bias=config.qkv_bias)
-        self.value = nn.Linear(self.hidden_size, self.hidden_size, bias=config.qkv_bias)
-        self.proj = nn.Linear(self.hidden_size, self.hidden_size)
-        self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
-        self.spatial_reduction_ratio = config.sr_ratios[scale]
-        if self.spatial_reduction_ratio > 1:
-            self.spatial_reduction = nn.Conv2d(
-                self.hidden_size,
-                self.hidden_size,
-                kernel_size=self.spatial_reduction_ratio,
-                stride=self.spatial_reduction_ratio,
-            )
-            self.layer_norm = nn.LayerNorm(self.hidden_size, eps=config.layer_norm_eps)
 
     def keys_and_values(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, ...]:
         """Keys and values `(batch, heads, kv_tokens, head_dim)` from the full normalized map `(batch, tokens, C)`."""
-        batch_size, _, num_channels = hidden_states.shape
         if self.spatial_reduction_ratio > 1:
-            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, num_channels, height, width)
-            hidden_states = self.spatial_reduction(hidden_states).flatten(2).transpose(1, 2)
-            hidden_states = self.layer_norm(hidden_states)
-        shape = (batch_size, -1, self.num_attention_heads, self.attention_head_size)
+            reduced = self.spatial_reduction(_to_map(hidden_states, (height, width)))
+            hidden_states = self.layer_norm(_to_tokens(reduced))
+        shape = (hidden_states.shape[0], -1, self.num_attention_heads, self.attention_head_size)
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
         return key, value
@@ -321,8 +310,9 @@ class DiTSelfAttention(nn.Module):
             key,
             value,
             None,
-            dropout=self.dropout_prob if self.training else 0.0,
+            dropout=self.attn_drop.p if self.training else 0.0,
             scaling=self.scaling,
+            is_causal=False,
         )
         context = context.reshape(batch_size, num_queries, self.hidden_size)
         return self.proj_drop(self.proj(context))
@@ -332,40 +322,25 @@ class DiTSelfAttention(nn.Module):
         return self.attend(hidden_states, key, value)
 
 
-class DiTDepthWiseConv(nn.Module):
-    """Depth-wise 3x3 convolution of PVTv2's MLP (it carries the positional information)."""
-
-    def __init__(self, config: DiTConfig, dim: int):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
-
-    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        batch_size, _, num_channels = hidden_states.shape
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, num_channels, height, width)
-        return self.dwconv(hidden_states).flatten(2).transpose(1, 2)
-
-
-class DiTConvFeedForwardNetwork(nn.Module):
-    """PVTv2's MLP: Linear -> depth-wise 3x3 conv -> GELU -> Linear."""
+class DiTConvFeedForwardNetwork(PvtV2ConvFeedForwardNetwork):
+    """PVTv2's MLP (Linear -> depth-wise 3x3 conv -> GELU -> Linear); skipped tokens can enter the conv as zeros."""
 
     def __init__(self, config: DiTConfig, scale: int):
-        super().__init__()
         hidden_size = config.hidden_sizes[scale]
-        intermediate_size = int(hidden_size * config.mlp_ratios[scale])
-        self.dense1 = nn.Linear(hidden_size, intermediate_size)
-        self.dwconv = DiTDepthWiseConv(config, intermediate_size)
-        self.intermediate_act_fn = ACT2FN[config.hidden_act]
-        self.dense2 = nn.Linear(intermediate_size, hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        super().__init__(config, hidden_size, hidden_features=int(hidden_size * config.mlp_ratios[scale]))
 
     def forward(self, hidden_states: torch.Tensor, height: int, width: int, token_mask=None) -> torch.Tensor:
         hidden_states = self.dense1(hidden_states)
         if token_mask is not None:
-            # Skipped tokens feed zeros to the depth-wise conv, exactly as the gather path (which scatters the
-            # computed tokens into a zero map).
+            # Skipped tokens feed zeros to the depth-wise conv, exactly as the gather path (which scatters the computed
+            # tokens into a zero map).
             hidden_states = hidden_states * token_mask
-        hidden_states = self.dwconv(hidden_states, height, width)
-        return self.finish(hidden_states)
+        return self.finish(self.depthwise(hidden_states, height, width))
+
+    def depthwise(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """PVTv2's depth-wise conv (`self.dwconv`) on the tokens viewed as a channels-last map. Not
+        `PvtV2DepthWiseConv.forward`: for a one-image batch its transpose-view makes oneDNN copy the map to NCHW first."""
+        return _to_tokens(self.dwconv.dwconv(_to_map(hidden_states, (height, width))))
 
     def finish(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Everything after the depth-wise conv."""
@@ -373,31 +348,16 @@ class DiTConvFeedForwardNetwork(nn.Module):
         return self.dropout(self.dense2(hidden_states))
 
 
-class DiTDropPath(nn.Module):
-    """Stochastic depth per sample (identity at inference)."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return hidden_states
-        keep_prob = 1 - self.drop_prob
-        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
-        random_tensor = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        return hidden_states.div(keep_prob) * torch.floor(random_tensor + keep_prob)
-
-
 class DiTBlockLayer(GradientCheckpointingLayer):
-    """One PVTv2 block (pre-LN attention and MLP, residuals), able to compute only the tokens a row gate selected."""
+    """One PVTv2 block (pre-LN attention and MLP, residuals; PVTv2's parameter names), able to compute only the tokens
+    a row gate selected. Not `PvtV2BlockLayer`: its submodules are DiT's subclasses and its forwards take the gate."""
 
     def __init__(self, config: DiTConfig, scale: int, drop_path: float = 0.0):
         super().__init__()
         hidden_size = config.hidden_sizes[scale]
         self.layer_norm_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.attention = DiTSelfAttention(config, scale)
-        self.drop_path = DiTDropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = PvtV2DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.layer_norm_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.mlp = DiTConvFeedForwardNetwork(config, scale)
 
@@ -412,44 +372,29 @@ class DiTBlockLayer(GradientCheckpointingLayer):
             mlp_output = mlp_output * token_mask
         return hidden_states + mlp_output
 
-    def forward_selected(
-        self,
-        rows: torch.Tensor,
-        height: int,
-        width: int,
-        read_index: torch.Tensor,
-        write_index: torch.Tensor,
-        intermediate_map: torch.Tensor,
-    ) -> torch.Tensor:
-        """Gather path (inference), in place on `rows`: the stage's map flattened to `(batch * tokens + 1, hidden)`,
-        whose last row is scratch. Only the selected tokens are computed by the query, output projection and MLP
-        linears; keys/values come from the whole map; the depth-wise conv sees the computed tokens in a zero map.
-
-        `read_index` `(batch, max_selected)` holds each image's selected rows first, then unselected ones as padding;
-        `write_index` is the same with the padding sent to the scratch row. All images run as one batch: padding rows
-        are computed and their results land in the scratch row. `intermediate_map` `(batch * tokens + 1, mlp_hidden)`
-        is zero outside the selected rows (shared by the stage's blocks, which write the same rows)."""
-        batch_size, max_selected = read_index.shape
-        num_rows, hidden_size = rows.shape
-        num_tokens = (num_rows - 1) // batch_size
-        hidden_states = rows[:-1].view(batch_size, num_tokens, hidden_size)
-        reads, writes = read_index.reshape(-1), write_index.reshape(-1)
-        attention = self.attention
+    def forward_selected(self, rows: torch.Tensor, size: tuple[int, int], selection: "_TokenSelection") -> None:
+        """Inference, in place on `rows` (the stage's map flattened to `(batch * tokens, hidden)`): computes the tokens
+        of `selection` (every token, or the ones a row gate selected). Keys/values come from the whole map; the query,
+        attention, output projection and MLP linears run on the selected tokens only (attention on a batch padded to
+        the most selected tokens of an image; the padding's results are discarded), and the depth-wise conv sees the
+        computed tokens in a zero map (`_feed_forward_inference`)."""
+        hidden_size = rows.shape[1]
+        hidden_states = rows.view(selection.batch_size, -1, hidden_size)
         normed = self.layer_norm_1(hidden_states)
-        key, value = attention.keys_and_values(normed, height, width)
-        queries = normed.reshape(-1, hidden_size).index_select(0, reads).view(batch_size, max_selected, hidden_size)
-        selected = rows.index_select(0, reads).view(batch_size, max_selected, hidden_size)
-        selected = selected + attention.attend(queries, key, value)
-
-        mlp = self.mlp
-        intermediate = mlp.dense1(self.layer_norm_2(selected))
-        width_mlp = intermediate.shape[-1]
-        intermediate_map.index_copy_(0, writes, intermediate.reshape(-1, width_mlp))
-        intermediate_map[-1].zero_()
-        convolved = mlp.dwconv(intermediate_map[:-1].view(batch_size, num_tokens, width_mlp), height, width)
-        intermediate = convolved.reshape(-1, width_mlp).index_select(0, reads).view_as(intermediate)
-        selected = selected + mlp.finish(intermediate)
-        return rows.index_copy_(0, writes, selected.reshape(-1, hidden_size))
+        key, value = self.attention.keys_and_values(normed, *size)
+        if selection.read_index is None:
+            rows += self.attention.attend(normed, key, value).view(-1, hidden_size)
+            _feed_forward_inference(self.mlp, self.layer_norm_2(rows), rows, size, selection)
+            return
+        reads = selection.read_index.view(-1)
+        queries = normed.view(-1, hidden_size).index_select(0, reads).view(selection.batch_size, -1, hidden_size)
+        selected = (rows.index_select(0, reads).view_as(queries) + self.attention.attend(queries, key, value)).view(
+            -1, hidden_size
+        )
+        if selection.packed_from_padded is not None:
+            selected = selected.index_select(0, selection.packed_from_padded)
+        _feed_forward_inference(self.mlp, self.layer_norm_2(selected), selected, size, selection)
+        rows.index_copy_(0, selection.packed_index, selected)
 
     @staticmethod
     def macs(config: DiTConfig, scale: int, height: int, width: int) -> tuple[int, int]:
@@ -472,11 +417,120 @@ class DiTBlockLayer(GradientCheckpointingLayer):
         return per_image, per_token
 
 
-class DiTStage(nn.Module):
-    """Transformer stage `B[i][j]` of the grid: a copy of PVTv2 stage `i` (its blocks and its final LayerNorm).
+# Floats of the intermediate map that one step of `_feed_forward_inference` works on, on CPU: small enough to stay in a
+# core's cache (2 MiB here), large enough that the per-step overhead of the Python loop stays small. Accelerators take
+# the whole map in one step.
+_FEED_FORWARD_BLOCK_FLOATS = 1 << 19
 
-    Tokens a row gate skips keep their input values (identity edge); the others get the stage output.
+
+@dataclass
+class _FeedForwardBlock:
+    """A step of `_feed_forward_inference`: the packed rows of `num_images` consecutive images and, for a selection,
+    their positions in those images' maps flattened to `(num_images * tokens,)` (`None`: every token, in order)."""
+
+    rows: slice
+    num_images: int
+    map_index: torch.Tensor | None
+
+
+@dataclass
+class _TokenSelection:
+    """The tokens a stage computes at inference, as rows of its map flattened to `(batch * tokens, C)`.
+
+    `read_index` `(batch, max_selected)`: each image's selected rows first, then unselected ones as padding (attention
+    runs on this padded batch). `packed_index` `(total_selected,)`: the selected rows, image after image (the MLP and
+    the write-back run on these); `packed_from_padded` picks them out of the padded batch (`None`: no padding). All
+    three are `None` when every token is computed.
     """
+
+    batch_size: int
+    num_tokens: int
+    counts: list[int]
+    read_index: torch.Tensor | None = None
+    packed_index: torch.Tensor | None = None
+    packed_from_padded: torch.Tensor | None = None
+    _plans: dict = field(default_factory=dict)
+
+    @classmethod
+    def every_token(cls, batch_size: int, num_tokens: int) -> "_TokenSelection":
+        return cls(batch_size, num_tokens, [num_tokens] * batch_size)
+
+    @classmethod
+    def from_mask(cls, selected: torch.Tensor, counts: list[int]) -> "_TokenSelection":
+        batch_size, num_tokens = selected.shape
+        max_selected = max(counts)
+        order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :max_selected]
+        read_index = order + torch.arange(batch_size, device=order.device)[:, None] * num_tokens
+        valid = torch.arange(max_selected, device=order.device)[None, :] < selected.sum(1, keepdim=True)
+        padded = sum(counts) < batch_size * max_selected
+        packed_from_padded = valid.view(-1).nonzero().squeeze(1) if padded else None
+        packed_index = read_index.view(-1) if packed_from_padded is None else read_index[valid]
+        return cls(batch_size, num_tokens, counts, read_index, packed_index, packed_from_padded)
+
+    def feed_forward_plan(self, width: int, block_floats: int | None) -> tuple[int, list[_FeedForwardBlock]]:
+        """`(channels, blocks)`: the MLP's intermediate channels are processed `channels` at a time, for the images of
+        one block at a time, so that the block's intermediate map (`num_images * tokens * channels` floats) stays near
+        `block_floats` (`None`: everything in one step). Cached: the blocks of a stage share it."""
+        if (width, block_floats) not in self._plans:
+            limit = block_floats or width * self.num_tokens * self.batch_size
+            divisors = [d for d in range(1, width + 1) if width % d == 0]
+            fitting = [d for d in divisors if d * self.num_tokens <= limit]
+            channels = max(fitting) if fitting else divisors[0]
+            group = max(1, limit // (self.num_tokens * channels))
+            offsets = [0]
+            for count in self.counts:
+                offsets.append(offsets[-1] + count)
+            blocks = []
+            for first in range(0, self.batch_size, group):
+                last = min(first + group, self.batch_size)
+                rows = slice(offsets[first], offsets[last])
+                map_index = None
+                if self.packed_index is not None:
+                    map_index = self.packed_index[rows] - first * self.num_tokens
+                blocks.append(_FeedForwardBlock(rows, last - first, map_index))
+            self._plans[width, block_floats] = channels, blocks
+        return self._plans[width, block_floats]
+
+
+def _feed_forward_inference(mlp, normed: torch.Tensor, residual: torch.Tensor, size, selection: _TokenSelection):
+    """Inference: `residual += mlp(normed)` for the packed rows `(total_selected, C)` of `selection`, tokens outside the
+    selection entering the depth-wise conv as zeros. The same result as the MLP's forward, computed a few images and a
+    slice of the intermediate channels at a time (the map of the widest tensor, 4-8 times the hidden size, then stays
+    in cache), accumulating the output projection in place."""
+    weight_1, bias_1, weight_2 = mlp.dense1.weight, mlp.dense1.bias, mlp.dense2.weight
+    conv = mlp.dwconv.dwconv
+    block_floats = _FEED_FORWARD_BLOCK_FLOATS if normed.device.type == "cpu" else None
+    channels, blocks = selection.feed_forward_plan(weight_1.shape[0], block_floats)
+    residual += mlp.dense2.bias
+    if selection.packed_index is not None:  # the zero map the selected tokens are written into
+        scratch = normed.new_empty(max(block.num_images for block in blocks) * selection.num_tokens, channels)
+    for block in blocks:
+        inputs, output = normed[block.rows], residual[block.rows]
+        if block.map_index is not None:
+            block_map = scratch[: block.num_images * selection.num_tokens].zero_()  # its channel slices write the same rows
+        for start in range(0, weight_1.shape[0], channels):
+            part = slice(start, start + channels)
+            intermediate = torch.addmm(bias_1[part], inputs, weight_1[part].t())
+            if block.map_index is not None:
+                intermediate = block_map.index_copy_(0, block.map_index, intermediate)
+            feature_map = _to_map(intermediate.view(block.num_images, -1, channels), size)
+            convolved = nn.functional.conv2d(
+                feature_map, conv.weight[part], conv.bias[part], conv.stride, conv.padding, conv.dilation, channels
+            )
+            convolved = _to_tokens(convolved).reshape(-1, channels)
+            if block.map_index is not None:
+                convolved = convolved.index_select(0, block.map_index)
+            activated = mlp.intermediate_act_fn(convolved)
+            if torch.is_grad_enabled():  # autograd cannot differentiate `out=`
+                output += activated @ weight_2[:, part].t()
+            else:  # in place without a temporary; unlike `addmm_`, FlopCounterMode counts it
+                torch.addmm(output, activated, weight_2[:, part].t(), out=output)
+    return residual
+
+
+class DiTStage(nn.Module):
+    """Transformer stage `B[i][j]` of the grid: a copy of PVTv2 stage `i` (its blocks and its final LayerNorm). Not
+    `PvtV2EncoderLayer`: in the grid the patch embedding is a separate edge, and skipped tokens pass by identity."""
 
     def __init__(self, config: DiTConfig, scale: int):
         super().__init__()
@@ -489,15 +543,19 @@ class DiTStage(nn.Module):
             ]
         )
         self.layer_norm = nn.LayerNorm(config.hidden_sizes[scale], eps=config.layer_norm_eps)
+        self.masked_input = config.stage_input == "masked_map"
 
     def forward(
         self, hidden_states: torch.Tensor, height: int, width: int, token_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Dense path: every token is computed; with `token_mask` `(batch, tokens)` of 0/1 values the output is
-        `mask * stage(x) + (1 - mask) * x`, skipped tokens frozen inside the stage too (the reference semantics, and
-        the training path: gradients reach the straight-through gate values)."""
+        `mask * stage(x) + (1 - mask) * x`, skipped tokens frozen inside the stage too (at their values, or at zero with
+        `stage_input="masked_map"`). The reference semantics, and the training path: gradients reach the gates. At
+        inference without a mask it runs `forward_selected` on every token (same values, cache-blocked MLP)."""
+        if token_mask is None and not (self.training or torch.is_grad_enabled()):
+            return self.forward_selected(hidden_states, height, width)
         mask = None if token_mask is None else token_mask.unsqueeze(-1)
-        output = hidden_states
+        output = hidden_states if mask is None or not self.masked_input else hidden_states * mask
         for block in self.blocks:
             output = block(output, height, width, mask)
         output = self.layer_norm(output)
@@ -505,26 +563,30 @@ class DiTStage(nn.Module):
             return output
         return mask * output + (1 - mask) * hidden_states
 
-    def forward_selected(self, hidden_states: torch.Tensor, height: int, width: int, selected: torch.Tensor):
-        """Gather path (inference): the same result as `forward(hidden_states, ..., token_mask=selected)`, computing
-        only the selected tokens `selected` `(batch, tokens)` (bool), all images in one padded batch."""
+    def forward_selected(
+        self, hidden_states: torch.Tensor, height: int, width: int, selected=None, counts: list[int] | None = None
+    ) -> torch.Tensor:
+        """Inference: the same result as `forward(hidden_states, ..., token_mask=selected)`, computing only the tokens
+        `selected` `(batch, tokens)` (bool; `None`: every token; `counts`: selected tokens per image, if known)."""
         batch_size, num_tokens, hidden_size = hidden_states.shape
-        counts = selected.sum(1)
-        max_selected = int(counts.max())  # trf-ignore: TRF056 the number of computed tokens is data-dependent
-        # each image's selected rows of the flattened map first, then unselected ones (padding: read, then discarded
-        # into the scratch row `batch * tokens`)
-        order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :max_selected]
-        valid = torch.arange(max_selected, device=selected.device)[None, :] < counts[:, None]
-        read_index = order + torch.arange(batch_size, device=order.device)[:, None] * num_tokens
-        write_index = torch.where(valid, read_index, batch_size * num_tokens)
-        rows = torch.cat([hidden_states.reshape(-1, hidden_size), hidden_states.new_zeros(1, hidden_size)])
-        width_mlp = self.blocks[0].mlp.dense1.out_features
-        intermediate_map = hidden_states.new_zeros(batch_size * num_tokens + 1, width_mlp)
+        if selected is None:
+            selection = _TokenSelection.every_token(batch_size, num_tokens)
+        else:
+            counts = selected.sum(1).tolist() if counts is None else counts  # trf-ignore: TRF056 data-dependent
+            if max(counts) == 0:
+                return hidden_states.clone()
+            selection = _TokenSelection.from_mask(selected, counts)
+        rows = hidden_states.reshape(-1, hidden_size).clone()
+        if self.masked_input and selected is not None:
+            rows *= selected.reshape(-1, 1)
         for block in self.blocks:
-            rows = block.forward_selected(rows, height, width, read_index, write_index, intermediate_map)
-        normed = self.layer_norm(rows.index_select(0, read_index.reshape(-1)))
-        output = torch.cat([hidden_states.reshape(-1, hidden_size), hidden_states.new_zeros(1, hidden_size)])
-        return output.index_copy_(0, write_index.reshape(-1), normed)[:-1].view_as(hidden_states)
+            block.forward_selected(rows, (height, width), selection)
+        if selection.packed_index is None:
+            return self.layer_norm(rows).view_as(hidden_states)
+        normed = self.layer_norm(rows.index_select(0, selection.packed_index))
+        if self.masked_input:  # skipped rows hold zeros: restore their input values
+            rows.copy_(hidden_states.reshape(-1, hidden_size))
+        return rows.index_copy_(0, selection.packed_index, normed).view_as(hidden_states)
 
     @staticmethod
     def macs(config: DiTConfig, scale: int, height: int, width: int, num_selected, active):
@@ -542,6 +604,98 @@ def _scale_sizes(config: DiTConfig, height: int, width: int) -> list[tuple[int, 
     return sizes
 
 
+def _either(first, second):
+    """OR of two 0/1 reach values (`None`: no such edge); differentiable for (straight-through) tensors."""
+    if first is None or second is None:
+        return second if first is None else first
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return 1 - (1 - first) * (1 - second)
+    return max(first, second)
+
+
+def _fixed_decisions(config: DiTConfig, routing_mode: str, scale: int, column: int) -> tuple:
+    """`(row, column)` decisions (1/0, `None` where the node has no such gate) of node (scale, column) on the static
+    (PVTv2 staircase: stage `i` at column `i`, edge `i -> i + 1` at column `i + 1`) or full route."""
+    full = routing_mode == "full"
+    # CODEPATH: every checkpoint; the last node column has no stage after it, the full route opens every stage.
+    row = int(full or column == config.static_columns[scale]) if column < config.num_routing_columns else None
+    has_edge = scale + 1 < config.num_encoder_blocks
+    down = int(full or column == config.static_columns[scale] + 1) if has_edge else None
+    return row, down
+
+
+@dataclass
+class _RouteLedger:
+    """Reach and cost (paper Eq. 5) of one set of gate decisions, node by node, from the decisions alone.
+
+    Values are Python numbers on a fixed route (no tensors, no host syncs) and `(batch,)` / `(batch, tokens)` 0/1
+    tensors on the learned route; in training they are straight-through values, so the cost has gradients.
+    """
+
+    config: DiTConfig
+    sizes: list[tuple[int, int]]
+    macs: torch.Tensor | int = 0
+    stage_keep_ratio: torch.Tensor | None = None  # (batch, scales, columns), filled when given
+    downsampled: torch.Tensor | None = None  # (batch, scales - 1, columns + 1), filled when given
+    reach: dict = field(default_factory=dict)  # (scale, column) -> 0/1 per image
+    taken: dict = field(default_factory=dict)  # (scale, column) -> 0/1 per image: downsampled from that node
+
+    def reach_node(self, scale: int, column: int):
+        """Records and returns the reach of node (scale, column) (`None`: no edge leads there)."""
+        if (scale, column) == (0, 0):
+            reach = 1
+        else:
+            reach = _either(self.reach.get((scale, column - 1)), self.taken.get((scale - 1, column)))
+        if reach is not None:
+            self.reach[(scale, column)] = reach
+        return reach
+
+    def bill_stage(self, scale: int, column: int, decisions) -> None:
+        """Stage (scale, column) computing `decisions` (1/0: every token or none; or `(batch, tokens)`) of its node.
+
+        The per-image part is paid when any token is computed; in training its value is that exact indicator and its
+        gradient that of the fraction of tokens computed (straight-through), so whole stages can be learned off.
+        """
+        height, width = self.sizes[scale]
+        reach = self.reach[(scale, column)]
+        if isinstance(decisions, torch.Tensor):
+            num_selected = reach * decisions.float().sum(1)
+            keep = num_selected / (height * width)
+            active = (num_selected > 0).float() + keep - keep.detach()
+        else:
+            num_selected, keep = reach * decisions * height * width, reach * decisions
+            active = keep
+        self.macs = self.macs + DiTStage.macs(self.config, scale, height, width, num_selected, active)
+        if self.stage_keep_ratio is not None:
+            self.stage_keep_ratio[:, scale, column] = keep.detach() if isinstance(keep, torch.Tensor) else keep
+
+    def bill_edge(self, scale: int, column: int, decision):
+        """Downsampling edge (scale -> scale + 1, column) with column decision `decision`; returns the 0/1 per image
+        that take it. At the last column the edge opens for images whose next scale has not been entered yet, so the
+        output node (coarsest scale, last column) is always reached."""
+        # CODEPATH: every checkpoint; only the last node column forces its edge open.
+        if column == self.config.num_routing_columns:
+            entered = self.reach.get((scale + 1, column - 1), 0)
+            decision = 1 - (1 - decision) * entered  # = max(decision, 1 - entered) for 0/1 values
+        taken = self.reach[(scale, column)] * decision
+        self.taken[(scale, column)] = taken
+        self.macs = self.macs + taken * DiTOverlapPatchEmbeddings.macs(self.config, scale + 1, *self.sizes[scale])
+        if self.downsampled is not None:
+            self.downsampled[:, scale, column] = taken.detach() if isinstance(taken, torch.Tensor) else taken
+        return taken
+
+    def bill_gates(self, scale: int, column: int) -> None:
+        """The gates leaving node (scale, column): a row gate on every token, a column gate on the pooled map."""
+        height, width = self.sizes[scale]
+        hidden = self.config.hidden_sizes[scale]
+        # CODEPATH: every checkpoint; the last node column has no row gate.
+        if column < self.config.num_routing_columns:
+            self.macs = self.macs + self.reach[(scale, column)] * DiTGate.macs(height * width, hidden)
+        # CODEPATH: every checkpoint; the coarsest scale has no column gate.
+        if scale + 1 < self.config.num_encoder_blocks:
+            self.macs = self.macs + self.reach[(scale, column)] * DiTGate.macs(1, hidden)
+
+
 def mean_token_keep_ratio(stage_keep_ratio: torch.Tensor) -> torch.Tensor:
     """`(batch, scales, columns)` per-stage keep ratios -> `(batch,)`: the mean over the stages that ran for each image
     (a stage that did not run is not a stage that kept 0% of its tokens). The one definition of DiT's token keep ratio."""
@@ -551,27 +705,90 @@ def mean_token_keep_ratio(stage_keep_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def dit_route_macs(config: DiTConfig, height: int, width: int, routing_mode: str | None = None) -> int:
-    """Analytic multiply-accumulates of one image of `height x width` through the static (PVTv2) or full route, from
-    the config alone (no weights needed), classifier excluded. Uses the same per-module formulas as the forward."""
+    """Multiply-accumulates of one image of `height x width` through the static (PVTv2) or full route, from the config
+    alone (no weights needed), classifier excluded: the ledger the forward uses, run over the fixed route."""
     routing_mode = routing_mode or config.routing_mode
     if routing_mode not in ("static", "full"):
         raise ValueError("dit_route_macs is analytic only for routing_mode 'static' or 'full'; read `macs` otherwise.")
-    columns = 1 if routing_mode == "static" else config.num_routing_columns
-    edges = 1 if routing_mode == "static" else config.num_routing_columns + 1
-    sizes = _scale_sizes(config, height, width)
-    total = DiTOverlapPatchEmbeddings.macs(config, 0, height, width)
-    for scale, (h, w) in enumerate(sizes):
-        # Full route: every row is entered at column 0, so all its `num_routing_columns` stages and `+ 1` edges run.
-        total += columns * DiTStage.macs(config, scale, h, w, h * w, 1)
-        # CODEPATH: every checkpoint; the coarsest scale has no downsampling edge.
-        if scale + 1 < config.num_encoder_blocks:
-            total += edges * DiTOverlapPatchEmbeddings.macs(config, scale + 1, h, w)
-    return int(total)
+    ledger = _RouteLedger(config, _scale_sizes(config, height, width))
+    ledger.macs = DiTOverlapPatchEmbeddings.macs(config, 0, height, width)
+    for column in range(config.num_routing_columns + 1):
+        for scale in range(config.num_encoder_blocks):
+            if not ledger.reach_node(scale, column):
+                continue
+            row, down = _fixed_decisions(config, routing_mode, scale, column)
+            if row is not None:
+                ledger.bill_stage(scale, column, row)
+            if down is not None:
+                ledger.bill_edge(scale, column, down)
+    return int(ledger.macs)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Route:
+    """One routing pass over the grid: node features, the row decisions taken, and their ledgers.
+
+    `mode`: `"fixed"` (static / full route, known in advance), `"sample"` (training in dynamic mode: every node computed
+    densely and multiplied by straight-through decisions) or `"sparse"` (inference: only what the route needs).
+    `budget_ledger` (training with `budget_decisions="deterministic"`) prices the decisions inference would take.
+    """
+
+    mode: str
+    ledger: _RouteLedger
+    row_threshold: float
+    budget_ledger: _RouteLedger | None = None
+    features: dict = field(default_factory=dict)  # (scale, column) -> (batch, tokens, C)
+    row_decisions: dict = field(default_factory=dict)  # (scale, column) -> decisions of stage (scale, column)
+    reached_index: dict = field(default_factory=dict)  # sparse mode: (scale, column) -> reached images (None: all)
+    taken_on_host: dict = field(default_factory=dict)  # sparse mode: (scale, column) -> images taking the edge (list)
+    reached_on_host: dict = field(default_factory=dict)  # sparse mode: (scale, column) -> images reaching it (list)
+
+    def node_exists(self, scale: int, column: int, reach) -> bool:
+        """Whether node (scale, column) is computed: a fixed route's reached nodes, every node with an incoming edge in
+        training, nodes some image reaches at inference (from the edges' decisions, already on the host)."""
+        if reach is None or self.mode == "sample":
+            return reach is not None
+        if not isinstance(reach, torch.Tensor):  # the stem (reach 1) or a fixed route
+            if self.mode == "sparse" and reach:
+                self.reached_on_host[(scale, column)] = [True] * self.ledger.macs.shape[0]
+            return bool(reach)
+        row = self.reached_on_host.get((scale, column - 1))
+        down = self.taken_on_host.get((scale - 1, column))
+        if row is None and down is None:  # neither incoming node was computed
+            return False
+        reached = [bool(a or b) for a, b in zip(row or [False] * len(down), down or [False] * len(row))]
+        if not any(reached):
+            return False
+        self.reached_on_host[(scale, column)] = reached
+        index = None if all(reached) else torch.tensor([i for i, r in enumerate(reached) if r], device=reach.device)
+        self.reached_index[(scale, column)] = index
+        return True
+
+    def record_edge(self, scale: int, column: int, taken: torch.Tensor) -> None:
+        """Sparse mode: which images take edge (scale, column) (one host sync per edge; the reach of every node and
+        the sub-batch of every edge follow from these)."""
+        self.taken_on_host[(scale, column)] = (taken > 0).tolist()  # trf-ignore: TRF056 data-dependent routing
+
+
+def _on_images(function: Callable, inputs: torch.Tensor, index: torch.Tensor | None, batch_size: int):
+    """`function(inputs[index])` scattered into zeros of the full batch (`index` None: the whole batch)."""
+    if index is None:
+        return function(inputs)
+    outputs = function(inputs[index])
+    return outputs.new_zeros(batch_size, *outputs.shape[1:]).index_copy(0, index, outputs)
+
+
+def _add(first, second):
+    if first is None or second is None:
+        return second if first is None else first
+    return first + second
+
+
+def _times(gate, features: torch.Tensor) -> torch.Tensor:
+    """`features` `(batch, tokens, C)` times a per-image 0/1 value (a Python 1 leaves them as they are)."""
+    if not isinstance(gate, torch.Tensor):
+        return features if gate == 1 else gate * features
+    return gate.to(features.dtype)[:, None, None] * features
 
 
 @auto_docstring
@@ -604,15 +821,23 @@ class DiTPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, DiTGate):
-            # Index 1 = compute/open; the bias makes p(open) = gate_init_compute_prob at the start (the paper starts
-            # with every mask entry at 1).
-            init.trunc_normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            prob = self.config.gate_init_compute_prob
-            init.zeros_(module.bias)
-            init.constant_(module.bias[1:], math.log(prob / (1.0 - prob)))
-            init.zeros_(module.ema_weight)
-            init.zeros_(module.ema_bias)
-            init.zeros_(module.ema_steps)
+            self._init_gate(module)
+
+    def _init_gate(self, gate: DiTGate) -> None:
+        """Index 1 = compute/open; the bias sets p(open) (`gate_init`, `gate_init_compute_prob`)."""
+        prob = self.config.gate_init_compute_prob
+        # CODEPATH: "static_route" (upcycled checkpoints) or "all_open" (models trained from scratch).
+        if self.config.gate_init == "static_route":
+            # zero weights: every token of a gate starts with the same p, PVTv2's route exactly at inference
+            init.zeros_(gate.weight)
+            prob = prob if gate.on_static_route else 1.0 - prob
+        else:
+            init.trunc_normal_(gate.weight, mean=0.0, std=self.config.initializer_range)
+        init.zeros_(gate.bias)
+        init.constant_(gate.bias[1:], math.log(prob / (1.0 - prob)))
+        init.zeros_(gate.ema_weight)
+        init.zeros_(gate.ema_bias)
+        init.zeros_(gate.ema_steps)
 
     @classmethod
     def from_pvt_v2_pretrained(cls, pvt, **config_overrides):
@@ -626,8 +851,10 @@ class DiTPreTrainedModel(PreTrainedModel):
                 DiT config fields to set (e.g. `routing_mode="static"`, `num_routing_columns=4`, `budget_target=0.9`).
 
         Every copy of grid stage `i` starts from PVTv2 stage `i`, every patch embedding into scale `i` from PVTv2's,
-        the stem from PVTv2's first patch embedding; gates are new. With `routing_mode="static"` the result computes
-        exactly the PVTv2 function.
+        the stem from PVTv2's first patch embedding; gates are new and, unless overridden, start on PVTv2's route
+        (`gate_init="static_route"`: the dynamic model starts at exactly PVTv2's function and cost) and train on the
+        route inference takes (`gate_noise_scale=0`). With `routing_mode="static"` the result computes exactly the PVTv2
+        function.
         """
         from .convert_pvt_v2_to_dit_routing import convert_pvt_v2_to_dit
 
@@ -639,6 +866,7 @@ class DiTModel(DiTPreTrainedModel):
     def __init__(self, config: DiTConfig):
         super().__init__(config)
         num_scales, num_columns = config.num_encoder_blocks, config.num_routing_columns
+        static = config.static_columns
         self.stem = DiTOverlapPatchEmbeddings(config, 0)
         # grid[i][j]: transformer stage from node (i, j) to node (i, j + 1).
         self.grid = nn.ModuleList(
@@ -653,13 +881,13 @@ class DiTModel(DiTPreTrainedModel):
         )
         self.row_gates = nn.ModuleList(
             [
-                nn.ModuleList([DiTGate(config, scale) for _ in range(num_columns)])
+                nn.ModuleList([DiTGate(config, scale, column == static[scale]) for column in range(num_columns)])
                 for scale in range(num_scales)
             ]
         )
         self.column_gates = nn.ModuleList(
             [
-                nn.ModuleList([DiTGate(config, scale) for _ in range(num_columns + 1)])
+                nn.ModuleList([DiTGate(config, scale, column == static[scale] + 1) for column in range(num_columns + 1)])
                 for scale in range(num_scales - 1)
             ]
         )
@@ -668,229 +896,224 @@ class DiTModel(DiTPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.stem.proj
 
-    def static_macs(self, image_size: int | tuple[int, int] | None = None, routing_mode: str = "static") -> int:
-        """MACs per image of the static (PVTv2) route, or of the `"full"` grid, at `image_size` (default: config's)."""
-        height, width = _pair(self.config.image_size if image_size is None else image_size)
-        return dit_route_macs(self.config, height, width, routing_mode)
+    def static_macs(self, image_size: int | tuple[int, int] | None = None) -> int:
+        """MACs per image of the static (PVTv2) route at `image_size` (default: the config's)."""
+        return dit_route_macs(self.config, *_pair(image_size or self.config.image_size), "static")
 
-    def _row_decisions(self, scale: int, column: int, features, reach, sample: bool):
-        """Per-token row decisions `(batch, tokens)` for stage (scale, column), computed for the images reaching it."""
-        batch_size, num_tokens, _ = features.shape
-        gate = self.row_gates[scale][column]
-        if sample:
-            return gate(features)
-        reached = reach > 0
-        if bool(reached.all()):
-            return gate(features)
-        index = reached.nonzero().squeeze(1)
-        return features.new_zeros(batch_size, num_tokens).index_copy(0, index, gate(features[index]))
-
-    def _column_decisions(self, scale: int, column: int, features, reach, sample: bool):
-        """Per-image column decisions `(batch,)` for the downsampling edge (scale -> scale + 1, column)."""
-        batch_size = features.shape[0]
-        gate = self.column_gates[scale][column]
-        if sample:
-            return gate(features.mean(1))
-        reached = reach > 0
-        if bool(reached.all()):
-            return gate(features.mean(1))
-        index = reached.nonzero().squeeze(1)
-        return features.new_zeros(batch_size).index_copy(0, index, gate(features[index].mean(1)))
+    def full_grid_macs(self, image_size: int | tuple[int, int] | None = None) -> int:
+        """MACs per image with every stage, edge and token computed (the paper's "Fully"), at `image_size`."""
+        return dit_route_macs(self.config, *_pair(image_size or self.config.image_size), "full")
 
     @can_return_tuple
     @auto_docstring
-    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> DiTModelOutput:
-        config = self.config
-        num_scales, num_columns = config.num_encoder_blocks, config.num_routing_columns
-        dynamic = config.routing_mode == "dynamic"
-        # Training in dynamic mode runs every node densely and multiplies by the straight-through gate values: the
-        # gates then get gradients also for skipped tokens and closed edges, every parameter is in the graph (no
-        # `find_unused_parameters` needed under DDP), and the values equal the sparse inference path exactly.
-        sample = dynamic and self.training
-        output_hidden_states = kwargs.get("output_hidden_states", config.output_hidden_states)
-
-        batch_size = pixel_values.shape[0]
-        sizes = _scale_sizes(config, pixel_values.shape[-2], pixel_values.shape[-1])
-        # MAC counts and routing outputs in float32 whatever the model dtype (half precision cannot count to 1e9).
-        zeros = pixel_values.new_zeros(batch_size, dtype=torch.float32)
-
+    def forward(
+        self, pixel_values: torch.Tensor, gate_threshold: float | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> DiTModelOutput:
+        r"""
+        gate_threshold (`float`, *optional*):
+            Overrides `config.gate_threshold` for this call: at inference a row gate computes a token when its
+            probability of computing it is `>= gate_threshold`. Higher values compute fewer tokens.
+        """
+        self._check_pixel_values(pixel_values)
+        threshold = self.config.gate_threshold if gate_threshold is None else gate_threshold
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"gate_threshold must lie in [0, 1], got {threshold}.")
+        sizes = _scale_sizes(self.config, *pixel_values.shape[-2:])
         stem_features, _, _ = self.stem(pixel_values)
         # The stem map is the first hidden state; route from a view of it so that it stays in the graph.
         stem_map = _to_map(stem_features, sizes[0])
-        stem_features = stem_map.flatten(2).transpose(1, 2)
-        macs = zeros + DiTOverlapPatchEmbeddings.macs(config, 0, pixel_values.shape[-2], pixel_values.shape[-1])
-        keep_ratio = zeros.new_zeros(batch_size, num_scales, num_columns)
-        column_taken = zeros.new_zeros(batch_size, max(num_scales - 1, 0), num_columns + 1)
+        route = self._start_route(pixel_values, sizes, threshold)
+        route.features[(0, 0)] = _to_tokens(stem_map)
+        for column in range(self.config.num_routing_columns + 1):
+            for scale in range(self.config.num_encoder_blocks):
+                self._visit_node(route, scale, column)
+        if route.mode == "sample":
+            for gate in self._gates():
+                gate.update_ema()
+        output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
+        return self._outputs(route, stem_map if output_hidden_states else None, pixel_values.shape[-2:])
 
-        if dynamic:
-            features, macs = self._route_dynamic(stem_features, sizes, macs, keep_ratio, column_taken, sample)
-        else:
-            features, macs = self._route_fixed(stem_features, sizes, macs, keep_ratio, column_taken)
-
-        budget_loss = None
-        if dynamic:
-            static_cost = dit_route_macs(config, pixel_values.shape[-2], pixel_values.shape[-1], "static")
-            budget_loss = (macs.mean() / static_cost - config.budget_target) ** 2
-
-        last_hidden_state = features[num_scales - 1][num_columns]
-        height, width = sizes[-1]
-        last_map = last_hidden_state.transpose(1, 2).reshape(batch_size, -1, height, width)
-        hidden_states = None
-        if output_hidden_states:
-            hidden_states = (stem_map,) + tuple(
-                _to_map(features[scale][num_columns], sizes[scale]) for scale in range(num_scales)
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """A clear `ValueError` for input the grid cannot take (as HF ViT does for a wrong channel count)."""
+        config = self.config
+        expected = f"(batch_size, {config.num_channels}, height, width)"
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}: the channel dimension must "
+                f"match num_channels={config.num_channels} in the configuration (the image processor converts "
+                "grayscale images to RGB)."
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"pixel_values holds no image: shape {tuple(pixel_values.shape)}, expected {expected}.")
+        sizes = _scale_sizes(config, *pixel_values.shape[-2:])
+        for scale, ((height, width), ratio) in enumerate(zip(sizes, config.sr_ratios)):
+            if min(height, width) < ratio:
+                raise ValueError(
+                    f"pixel_values of {tuple(pixel_values.shape[-2:])} pixels give a {height}x{width} map at scale "
+                    f"{scale}, smaller than its spatial-reduction ratio {ratio}: use larger images."
+                )
+
+    def _gates(self):
+        return [gate for rows in (self.row_gates, self.column_gates) for gate_row in rows for gate in gate_row]
+
+    def _start_route(self, pixel_values: torch.Tensor, sizes, threshold: float) -> _Route:
+        """An empty route over the grid, its ledger holding the stem's cost (MACs and routing outputs in float32 whatever
+        the model dtype: half precision cannot count to 1e9)."""
+        config = self.config
+        batch_size, device = pixel_values.shape[0], pixel_values.device
+        stem_macs = DiTOverlapPatchEmbeddings.macs(config, 0, *pixel_values.shape[-2:])
+        macs = torch.full((batch_size,), float(stem_macs), device=device)
+        num_scales, num_columns = config.num_encoder_blocks, config.num_routing_columns
+        ledger = _RouteLedger(
+            config,
+            sizes,
+            macs,
+            stage_keep_ratio=macs.new_zeros(batch_size, num_scales, num_columns),
+            downsampled=macs.new_zeros(batch_size, max(num_scales - 1, 0), num_columns + 1),
+        )
+        # CODEPATH: "static" / "full" routes (fixed, no gates) or "dynamic" (default, learned).
+        if config.routing_mode != "dynamic":
+            return _Route("fixed", ledger, threshold)
+        if not self.training:
+            return _Route("sparse", ledger, threshold)
+        # Training computes every node densely and multiplies by the straight-through decisions: the gates then get
+        # gradients also for skipped tokens and closed edges, every parameter is in the graph (DDP and FSDP see the same
+        # collectives on every process), and the values equal the sparse inference path exactly.
+        # CODEPATH: "deterministic" (default) prices inference's decisions; "sampled" the Gumbel samples.
+        budget_ledger = _RouteLedger(config, sizes, macs) if config.budget_decisions == "deterministic" else None
+        return _Route("sample", ledger, threshold, budget_ledger)
+
+    def _visit_node(self, route: _Route, scale: int, column: int) -> None:
+        """Computes node (scale, column) from its row and column parts (Eq. 4), then decides the gates leaving it."""
+        reach = route.ledger.reach_node(scale, column)
+        if route.budget_ledger is not None:
+            route.budget_ledger.reach_node(scale, column)
+        if not route.node_exists(scale, column, reach):
+            return
+        if (scale, column) != (0, 0):
+            row_part = self._row_part(route, scale, column)
+            route.features[(scale, column)] = _add(row_part, self._column_part(route, scale, column))
+        self._leave_node(route, scale, column)
+
+    def _row_part(self, route: _Route, scale: int, column: int):
+        """`G * stage(F) + (1 - G) * F` from node (scale, column - 1), or None if that node was not computed."""
+        previous = route.features.get((scale, column - 1))
+        if previous is None:
+            return None
+        decisions = route.row_decisions[(scale, column - 1)]
+        stage, size = self.grid[scale][column - 1], route.ledger.sizes[scale]
+        if route.mode == "fixed":
+            return stage(previous, *size) if decisions else previous
+        if route.mode == "sample":
+            return _times(route.ledger.reach[(scale, column - 1)], stage(previous, *size, decisions))
+        return _run_stage_sparse(stage, previous, decisions > 0, size)
+
+    def _column_part(self, route: _Route, scale: int, column: int):
+        """`g * patch_embedding(F)` from node (scale - 1, column), or None if no image takes that edge."""
+        above = route.features.get((scale - 1, column)) if scale > 0 else None
+        if above is None:
+            return None
+        taken = route.ledger.taken[(scale - 1, column)]
+        patch_embedding, size = self.patch_embeddings[scale - 1][column], route.ledger.sizes[scale - 1]
+
+        def embed(features):
+            return patch_embedding(_to_map(features, size))[0]
+
+        if route.mode == "fixed":
+            return embed(above) if taken else None
+        if route.mode == "sample":
+            return _times(taken, embed(above))
+        run = route.taken_on_host[(scale - 1, column)]
+        if not any(run):
+            return None
+        index = None if all(run) else torch.tensor([i for i, r in enumerate(run) if r], device=above.device)
+        return _on_images(embed, above, index, len(run))
+
+    def _leave_node(self, route: _Route, scale: int, column: int) -> None:
+        """Decides the row and column gates of node (scale, column) and bills what they open (and the gates)."""
+        if route.mode == "fixed":
+            row, down = _fixed_decisions(self.config, self.config.routing_mode, scale, column)
+        else:
+            row, down = self._gate_decisions(route, scale, column)
+            route.ledger.bill_gates(scale, column)
+            if route.budget_ledger is not None:
+                self._bill_inference_decisions(route, scale, column)
+        if row is not None:
+            route.row_decisions[(scale, column)] = row
+            route.ledger.bill_stage(scale, column, row)
+        if down is not None:
+            taken = route.ledger.bill_edge(scale, column, down)
+            if route.mode == "sparse":
+                route.record_edge(scale, column, taken)
+
+    def _gate_decisions(self, route: _Route, scale: int, column: int) -> tuple:
+        """Row `(batch, tokens)` and column `(batch,)` decisions of node (scale, column), `None` where it has no such
+        gate; at inference computed for the images that reach the node only (zeros for the others)."""
+        features = route.features[(scale, column)]
+        index, batch_size = route.reached_index.get((scale, column)), features.shape[0]
+        row = down = None
+        # CODEPATH: every checkpoint; the last node column has no row gate.
+        if column < self.config.num_routing_columns:
+            gate = self.row_gates[scale][column]
+            row = _on_images(lambda x: gate(x, route.row_threshold), features, index, batch_size)
+        # CODEPATH: every checkpoint; the coarsest scale has no column gate.
+        if scale + 1 < self.config.num_encoder_blocks:
+            gate = self.column_gates[scale][column]
+            down = _on_images(lambda x: gate(x.mean(1)), features, index, batch_size)
+        return row, down
+
+    def _bill_inference_decisions(self, route: _Route, scale: int, column: int) -> None:
+        """Training: prices, in the budget ledger, the decisions inference would take at this node with the current
+        gate weights (straight-through gradients of the gate probabilities)."""
+        features, ledger = route.features[(scale, column)], route.budget_ledger
+        ledger.bill_gates(scale, column)
+        # CODEPATH: every checkpoint; the last node column has no stage after it.
+        if column < self.config.num_routing_columns:
+            ledger.bill_stage(scale, column, self.row_gates[scale][column].straight_through(features, route.row_threshold))
+        # CODEPATH: every checkpoint; the coarsest scale has no downsampling edge.
+        if scale + 1 < self.config.num_encoder_blocks:
+            ledger.bill_edge(scale, column, self.column_gates[scale][column].straight_through(features.mean(1)))
+
+    def _outputs(self, route: _Route, stem_map, image_size) -> DiTModelOutput:
+        config, ledger = self.config, route.ledger
+        num_scales, num_columns = config.num_encoder_blocks, config.num_routing_columns
+        budget_loss = None
+        # CODEPATH: only the dynamic route (default) has a budget.
+        if config.routing_mode == "dynamic":
+            static_cost = dit_route_macs(config, *image_size, "static")
+            budget_loss = ((route.budget_ledger or ledger).macs.mean() / static_cost - config.budget_target) ** 2
+        last_hidden_state = route.features[(num_scales - 1, num_columns)]
+        hidden_states = None
+        if stem_map is not None:
+            last_column = [_to_map(route.features[(scale, num_columns)], ledger.sizes[scale]) for scale in range(num_scales)]
+            hidden_states = (stem_map, *last_column)
         return DiTModelOutput(
-            last_hidden_state=last_map,
+            last_hidden_state=_to_map(last_hidden_state, ledger.sizes[-1]).contiguous(),
             pooler_output=last_hidden_state.mean(dim=1),
             hidden_states=hidden_states,
             budget_loss=budget_loss,
-            macs=macs,
-            downsampled=column_taken,
-            stage_keep_ratio=keep_ratio,
-            token_keep_ratio=mean_token_keep_ratio(keep_ratio),
+            macs=ledger.macs,
+            downsampled=ledger.downsampled,
+            stage_keep_ratio=ledger.stage_keep_ratio,
+            token_keep_ratio=mean_token_keep_ratio(ledger.stage_keep_ratio),
         )
 
-    def _route_fixed(self, stem_features, sizes, macs, keep_ratio, column_taken):
-        """Static (PVTv2 staircase: stage `i` at column `i`, edge `i -> i + 1` at column `i + 1`) or full route. The
-        route is known in advance: whole batch, every token, no gates, no host syncs (compiles to one graph)."""
-        config = self.config
-        full = config.routing_mode == "full"
-        num_scales, num_columns = config.num_encoder_blocks, config.num_routing_columns
-        features = [[None] * (num_columns + 1) for _ in range(num_scales)]
-        for column in range(num_columns + 1):
-            for scale in range(num_scales):
-                height, width = sizes[scale]
-                node = stem_features if scale == 0 and column == 0 else None
-                previous = features[scale][column - 1] if column > 0 else None
-                if previous is not None:
-                    # CODEPATH: static route runs one stage per scale (PVTv2); "full" runs every stage.
-                    if full or column - 1 == config.static_columns[scale]:
-                        node = self.grid[scale][column - 1](previous, height, width)
-                        macs = macs + DiTStage.macs(config, scale, height, width, height * width, 1)
-                        keep_ratio[:, scale, column - 1] = 1.0
-                    else:
-                        node = previous
-                above = features[scale - 1][column] if scale > 0 else None
-                # CODEPATH: static route takes one downsampling edge per scale (PVTv2); "full" takes every edge.
-                if above is not None and (full or column == config.static_columns[scale - 1] + 1):
-                    embeddings, _, _ = self.patch_embeddings[scale - 1][column](_to_map(above, sizes[scale - 1]))
-                    macs = macs + DiTOverlapPatchEmbeddings.macs(config, scale, *sizes[scale - 1])
-                    column_taken[:, scale - 1, column] = 1.0
-                    node = embeddings if node is None else node + embeddings
-                features[scale][column] = node
-        return features, macs
 
-    def _route_dynamic(self, stem_features, sizes, macs, keep_ratio, column_taken, sample):
-        """Learned route: per-token row gates, per-image column gates, unreached nodes and closed edges skipped (at
-        inference) or multiplied by their straight-through 0/1 decisions (training)."""
-        config = self.config
-        num_scales, num_columns = config.num_encoder_blocks, config.num_routing_columns
-        zeros = stem_features.new_zeros(stem_features.shape[0])  # reach values: 0/1 in the model dtype
-        features = [[None] * (num_columns + 1) for _ in range(num_scales)]
-        reach = [[None] * (num_columns + 1) for _ in range(num_scales)]
-        row_gates = [[None] * num_columns for _ in range(num_scales)]
-        column_gates = [[None] * (num_columns + 1) for _ in range(num_scales - 1)]
-        for column in range(num_columns + 1):
-            for scale in range(num_scales):
-                height, width = sizes[scale]
-                hidden = config.hidden_sizes[scale]
-                # --- node (scale, column): row part + column part -------------------------------------------------
-                if scale == 0 and column == 0:
-                    node, node_reach = stem_features, zeros + 1
-                else:
-                    node, node_reach = None, zeros
-                    if column > 0 and features[scale][column - 1] is not None:
-                        previous, previous_reach = features[scale][column - 1], reach[scale][column - 1]
-                        decisions = row_gates[scale][column - 1]
-                        stage = self.grid[scale][column - 1]
-                        row_part, num_selected, active = self._run_stage(
-                            stage, previous, previous_reach, decisions, height, width, sample
-                        )
-                        node, node_reach = row_part, previous_reach
-                        macs = macs + DiTStage.macs(config, scale, height, width, num_selected, active)
-                        keep_ratio[:, scale, column - 1] = num_selected / (height * width)
-                    if scale > 0 and features[scale - 1][column] is not None:
-                        col_part, taken = self._run_patch_embedding(
-                            scale - 1, column, features[scale - 1][column], reach[scale - 1][column],
-                            column_gates[scale - 1][column], sample, sizes[scale - 1],
-                        )  # fmt: skip
-                        if col_part is not None:
-                            edge_macs = DiTOverlapPatchEmbeddings.macs(config, scale, *sizes[scale - 1])
-                            macs = macs + taken.float() * edge_macs
-                            column_taken[:, scale - 1, column] = taken
-                            node = col_part if node is None else node + col_part
-                            node_reach = 1 - (1 - node_reach) * (1 - taken)
-                if node is None or not (sample or bool((node_reach > 0).any())):
-                    continue
-                features[scale][column], reach[scale][column] = node, node_reach
-                # --- gates leaving the node --------------------------------------------------------------------------
-                if column < num_columns:
-                    row_gates[scale][column] = self._row_decisions(scale, column, node, node_reach, sample)
-                    macs = macs + node_reach.float() * DiTGate.macs(height * width, hidden)
-                if scale + 1 < num_scales:
-                    decisions = self._column_decisions(scale, column, node, node_reach, sample)
-                    macs = macs + node_reach.float() * DiTGate.macs(1, hidden)
-                    if column == num_columns:
-                        # The output node (last scale, last column) must be reached (dit.md §7.9): at the last column,
-                        # open the edge for images whose next row has not been entered yet.
-                        below = reach[scale + 1][column - 1] if column > 0 else None
-                        not_entered = 1.0 if below is None else (1 - below)
-                        decisions = torch.maximum(decisions, zeros + not_entered)
-                    column_gates[scale][column] = decisions
-
-        if sample:
-            for gate_row in list(self.row_gates) + list(self.column_gates):
-                for gate in gate_row:
-                    gate.update_ema()
-        return features, macs
-
-    def _run_stage(self, stage, features, reach, decisions, height, width, sample):
-        """Row part of the next node: `reach * (G * stage(F) + (1 - G) * F)`. Returns it with the number of computed
-        tokens per image and whether the stage ran for each image (for the MAC count)."""
-        # Counted in float32 (exact token counts); straight-through gradients pass through `.float()`.
-        num_selected = reach.float() * decisions.float().sum(1)
-        active = reach.float() * (num_selected > 0).float()
-        if sample:
-            output = stage(features, height, width, decisions)
-            return reach[:, None, None] * output, num_selected, active
-        run = active > 0
-        if not bool(run.any()):
-            return features, num_selected, active
-        selected = decisions > 0
-        all_images = bool(run.all())
-        index = None if all_images else run.nonzero().squeeze(1)
-        inputs = features if all_images else features[index]
-        chosen = selected if all_images else selected[index]
-        if bool(chosen.all()):
-            outputs = stage(inputs, height, width)
-        else:
-            outputs = stage.forward_selected(inputs, height, width, chosen)
-        return (outputs if all_images else features.index_copy(0, index, outputs)), num_selected, active
-
-    def _run_patch_embedding(self, scale, column, features, reach, decisions, sample, size):
-        """Column part of node (scale + 1, column): `g * reach * P(F)`, computed only for images that take the edge.
-        Returns `(part or None, taken)` with `taken` `(batch,)` 0/1 (straight-through in training)."""
-        taken = reach * decisions
-        patch_embedding = self.patch_embeddings[scale][column]
-        if sample:
-            embeddings, _, _ = patch_embedding(_to_map(features, size))
-            return taken[:, None, None] * embeddings, taken
-        run = taken > 0
-        if not bool(run.any()):
-            return None, taken
-        if bool(run.all()):
-            embeddings, _, _ = patch_embedding(_to_map(features, size))
-            return embeddings, taken
-        index = run.nonzero().squeeze(1)
-        embeddings, _, _ = patch_embedding(_to_map(features[index], size))
-        full = embeddings.new_zeros(features.shape[0], *embeddings.shape[1:])
-        return full.index_copy(0, index, embeddings), taken
-
-
-def _to_map(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """`(batch, height * width, C)` tokens to a `(batch, C, height, width)` map."""
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *size)
+def _run_stage_sparse(stage: DiTStage, features: torch.Tensor, selected: torch.Tensor, size: tuple[int, int]):
+    """Inference: `stage` on the tokens `selected` `(batch, tokens)` of the images that select any (dense when all of
+    an image's tokens are selected); the others pass by identity. One host sync."""
+    batch_size, num_tokens = selected.shape
+    counts = selected.sum(1).tolist()  # trf-ignore: TRF056 the number of computed tokens is data-dependent
+    run = [image for image, count in enumerate(counts) if count > 0]
+    if not run:
+        return features
+    index = None if len(run) == batch_size else torch.tensor(run, device=features.device)
+    inputs, chosen = (features, selected) if index is None else (features[index], selected[index])
+    if all(counts[image] == num_tokens for image in run):
+        outputs = stage.forward_selected(inputs, *size)
+    else:
+        outputs = stage.forward_selected(inputs, *size, chosen, [counts[image] for image in run])
+    return outputs if index is None else features.index_copy(0, index, outputs)
 
 
 @auto_docstring(
@@ -915,12 +1138,16 @@ class DiTForImageClassification(DiTPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        gate_threshold: float | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DiTImageClassifierOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Labels for computing the image classification/regression loss. Indices should be in `[0, ...,
             config.num_labels - 1]`. In dynamic routing `budget_loss_weight * budget_loss` is added to the loss.
+        gate_threshold (`float`, *optional*):
+            Overrides `config.gate_threshold` for this call: at inference a row gate computes a token when its
+            probability of computing it is `>= gate_threshold`. Higher values compute fewer tokens.
 
         Examples:
 
@@ -935,11 +1162,9 @@ class DiTForImageClassification(DiTPreTrainedModel):
         >>> outputs.logits.shape, outputs.macs  # macs: what this image cost, about 4.0e9 for b2 at 224x224
         ```
         """
-        outputs: DiTModelOutput = self.dit(pixel_values, return_dict=True, **kwargs)
+        outputs: DiTModelOutput = self.dit(pixel_values, gate_threshold=gate_threshold, return_dict=True, **kwargs)
         logits = self.classifier(outputs.pooler_output)
-        macs = outputs.macs
-        if isinstance(self.classifier, nn.Linear):
-            macs = macs + self.classifier.in_features * self.classifier.out_features
+        macs = outputs.macs + self._head_macs()
 
         loss = None
         if labels is not None:
@@ -958,10 +1183,16 @@ class DiTForImageClassification(DiTPreTrainedModel):
             token_keep_ratio=outputs.token_keep_ratio,
         )
 
-    def static_macs(self, image_size: int | tuple[int, int] | None = None, routing_mode: str = "static") -> int:
-        """MACs per image of the static (PVTv2) route, or of the `"full"` grid, classifier included."""
-        head = self.classifier.weight.numel() if isinstance(self.classifier, nn.Linear) else 0
-        return self.dit.static_macs(image_size, routing_mode) + head
+    def static_macs(self, image_size: int | tuple[int, int] | None = None) -> int:
+        """MACs per image of the static (PVTv2) route, classifier included."""
+        return self.dit.static_macs(image_size) + self._head_macs()
+
+    def full_grid_macs(self, image_size: int | tuple[int, int] | None = None) -> int:
+        """MACs per image of the full grid (every stage, edge and token), classifier included."""
+        return self.dit.full_grid_macs(image_size) + self._head_macs()
+
+    def _head_macs(self) -> int:
+        return self.classifier.weight.numel() if isinstance(self.classifier, nn.Linear) else 0
 
 
 @auto_docstring(
@@ -978,8 +1209,13 @@ class DiTBackbone(BackboneMixin, DiTModel):
     @can_return_tuple
     @filter_output_hidden_states
     @auto_docstring
-    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> DiTBackboneOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, gate_threshold: float | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> DiTBackboneOutput:
         r"""
+        gate_threshold (`float`, *optional*):
+            Overrides `config.gate_threshold` for this call (row gates at inference; higher computes fewer tokens).
+
         Examples:
 
         ```python
@@ -993,7 +1229,9 @@ class DiTBackbone(BackboneMixin, DiTModel):
         [(56, 56), (28, 28), (14, 14), (7, 7)]
         ```"""
         kwargs["output_hidden_states"] = True
-        outputs: DiTModelOutput = DiTModel.forward(self, pixel_values, return_dict=True, **kwargs)
+        outputs: DiTModelOutput = DiTModel.forward(
+            self, pixel_values, gate_threshold=gate_threshold, return_dict=True, **kwargs
+        )
         feature_maps = tuple(
             outputs.hidden_states[idx] for idx, stage in enumerate(self.stage_names) if stage in self.out_features
         )
