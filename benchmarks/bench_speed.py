@@ -185,7 +185,9 @@ def time_group(spec) -> dict:
         for call in calls.values():
             call()()
     times, names, started = {name: [] for name in calls}, list(calls), time.perf_counter()
-    while min(len(t) for t in times.values()) < spec["min_rounds"] or time.perf_counter() - started < spec["min_seconds"]:
+    while (
+        min(len(t) for t in times.values()) < spec["min_rounds"] or time.perf_counter() - started < spec["min_seconds"]
+    ):
         shift = len(times[names[0]]) % len(names)
         for name in names[shift:] + names[:shift]:
             run = calls[name]()
@@ -235,7 +237,9 @@ def run_worker(kind: str, spec: dict):
 
 def group_rows(spec, with_memory=True) -> list[dict]:
     """Times a group, measures each model's memory, and turns the results into rows with speedups and efficiencies."""
-    print(json.dumps({k: spec[k] for k in ("family", "variant", "batch_size", "ratios", "token_batching")}), flush=True)
+    print(
+        json.dumps({k: spec[k] for k in ("family", "variant", "batch_size", "ratios", "token_batching")}), flush=True
+    )
     timed = run_worker("time", spec)
     rows = []
     for name, result in timed.items():
@@ -332,7 +336,9 @@ def sections(args, base) -> list[dict]:
         result.append({"title": title, "rows": rows})
     if "msvit" in args.families and args.msvit_batching and 32 in args.batch_sizes:
         modes = ["bucket", *args.msvit_batching]
-        spec = dict(base, family="msvit", variant="s16", batch_size=32, compile=False, ratios=[0.5], token_batching=modes)
+        spec = dict(
+            base, family="msvit", variant="s16", batch_size=32, compile=False, ratios=[0.5], token_batching=modes
+        )
         title = "MSViT token batching alternatives, batch 32, fine ratio 0.5"
         result.append({"title": title, "rows": group_rows(spec, not args.no_memory)})
     return result

@@ -73,7 +73,9 @@ def set_dit_keep_ratio(dit, pixel_values, ratio):
             continue
         direction = torch.randn(config.hidden_sizes[scale], generator=generator)
         captured = []
-        handle = gate.register_forward_hook(lambda module, args, output, store=captured: store.append(args[0].detach()))
+        handle = gate.register_forward_hook(
+            lambda module, args, output, store=captured: store.append(args[0].detach())
+        )
         dit(pixel_values)
         handle.remove()
         scores = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]) @ direction

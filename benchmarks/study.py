@@ -163,9 +163,9 @@ def main():
 
     # ---- evaluation, image by image -----------------------------------------------------------------------------
     evaluation_started = time.time()
-    import hf_msvit  # noqa: F401
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    import hf_msvit  # noqa: F401
     from hf_msvit.data import load_digits_on_canvas
 
     validation = load_digits_on_canvas(canvas_size=args.canvas, copies=settings["copies"], seed=args.seed)["validation"]

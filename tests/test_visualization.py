@@ -15,8 +15,17 @@ from hf_msvit.visualization import draw_msvit_gates, visualize
 @pytest.fixture
 def msvit_checkpoint(tmp_path):
     torch.manual_seed(0)
-    config = MSViTConfig(image_size=64, patch_size=8, coarse_patch_size=16, hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=4, intermediate_size=48, gate_hidden_size=16, num_labels=3)
+    config = MSViTConfig(
+        image_size=64,
+        patch_size=8,
+        coarse_patch_size=16,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=48,
+        gate_hidden_size=16,
+        num_labels=3,
+    )
     model = MSViTForImageClassification(config).eval()
     path = tmp_path / "ckpt"
     model.save_pretrained(path)
@@ -75,10 +84,21 @@ def test_dit_routing_picture_shows_stages_and_edges(tmp_path):
     top, middle = orange[: picture.shape[0] // 4 + 20].sum(), orange[picture.shape[0] // 4 + 20 :].sum()
     assert 1.5 < top / middle < 2.5
 
-    config = DiTConfig.from_variant("b0", hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 1],
-                                    image_size=64, num_labels=3)
+    config = DiTConfig.from_variant(
+        "b0",
+        hidden_sizes=[8, 16, 24, 32],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 1, 1, 1],
+        image_size=64,
+        num_labels=3,
+    )
     model = DiTForImageClassification(config).eval()
     out = tmp_path / "route.png"
-    visualize(model, Image.new("RGB", (64, 64)), output_path=out, image_processor=DiTImageProcessor(size={"height": 64, "width": 64}))
+    visualize(
+        model,
+        Image.new("RGB", (64, 64)),
+        output_path=out,
+        image_processor=DiTImageProcessor(size={"height": 64, "width": 64}),
+    )
     with Image.open(out) as saved:
         assert saved.format == "PNG" and saved.width > 64

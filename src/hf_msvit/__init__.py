@@ -2,7 +2,8 @@
 
 Importing the package registers every model with the Auto classes, so `AutoConfig`, `AutoModel`,
 `AutoModelForImageClassification`, `AutoModelForSemanticSegmentation` (MSViT), `AutoImageProcessor` and `AutoBackbone`
-load our checkpoints with the installed classes. People without this package load the same checkpoints with `trust_remote_code=True`.
+load our checkpoints with the installed classes. People without this package load the same checkpoints with
+`trust_remote_code=True`.
 """
 
 from transformers import (

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
 DIGIT_NAMES = [str(d) for d in range(10)]
 BACKGROUNDS = ("photo", "blank")
 DATASET_NAME = "hf-msvit/digits-on-canvas"  # the name used in model cards; the data is generated locally
@@ -55,7 +56,10 @@ def _load_photos() -> list[np.ndarray]:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    return [np.asarray(Image.fromarray(image).convert("L"), dtype=np.float32) / 255.0 for image in load_sample_images().images]
+    return [
+        np.asarray(Image.fromarray(image).convert("L"), dtype=np.float32) / 255.0
+        for image in load_sample_images().images
+    ]
 
 
 @dataclass

@@ -72,7 +72,9 @@ def draw_msvit_gates(
                     draw.line([left, top + offset, left + coarse - 1, top + offset], fill=(*FINE_TINT, 220))
             draw.rectangle([left, top, left + coarse - 1, top + coarse - 1], outline=(*GRID_COLOR, 255))
             if gate_probs is not None and coarse >= 40:
-                draw.text((left + 2, top + 1), f"{float(gate_probs[row, col]):.2f}", fill=(255, 255, 255, 255), font=font)
+                draw.text(
+                    (left + 2, top + 1), f"{float(gate_probs[row, col]):.2f}", fill=(255, 255, 255, 255), font=font
+                )
     combined = Image.alpha_composite(canvas, overlay).convert("RGB")
     num_fine = int(fine_region_mask.sum())
     caption = f"fine regions: {num_fine}/{rows * cols}"
@@ -112,7 +114,8 @@ def draw_dit_routing(stage_keep_ratio: torch.Tensor, downsampled: torch.Tensor, 
     """Draws one image's route: `stage_keep_ratio` `(scales, stages)`, `downsampled` `(scales - 1, stages + 1)`.
 
     Rows are scales (stride 4 at the top), node columns left to right. A stage (box between two nodes) is filled in
-    proportion to the fraction of tokens it computed; a downsampling edge is a solid arrow if taken, a faint one if not.
+    proportion to the fraction of tokens it computed; a downsampling edge is a solid arrow if taken, a faint one if
+    not.
     """
     scales, stages = stage_keep_ratio.shape
     margin, node = 40, 10
@@ -144,7 +147,9 @@ def draw_dit_routing(stage_keep_ratio: torch.Tensor, downsampled: torch.Tensor, 
                 color, line_width = ((0, 120, 255), 3) if taken else ((220, 220, 230), 1)
                 draw.line([x, y + 5, x, y_next - 5], fill=color, width=line_width)
                 draw.polygon([(x - 4, y_next - 10), (x + 4, y_next - 10), (x, y_next - 5)], fill=color)
-    draw.text((margin, 4), "stages: fraction of tokens computed; arrows: downsampling taken", fill=(0, 0, 0), font=font)
+    draw.text(
+        (margin, 4), "stages: fraction of tokens computed; arrows: downsampling taken", fill=(0, 0, 0), font=font
+    )
     return out
 
 
@@ -171,7 +176,9 @@ def visualize(model, image, output_path=None, image_processor=None, **kwargs) ->
     elif model_type == "dit_routing":
         picture = visualize_dit(model, image, image_processor=image_processor, **kwargs)
     else:
-        raise ValueError(f"visualize() draws MSViT (msvit) and DiT (dit_routing) models, got model_type {model_type!r}.")
+        raise ValueError(
+            f"visualize() draws MSViT (msvit) and DiT (dit_routing) models, got model_type {model_type!r}."
+        )
     if output_path is not None:
         output_path = Path(output_path)
         output_path.parent.mkdir(parents=True, exist_ok=True)

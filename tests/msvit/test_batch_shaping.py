@@ -32,7 +32,9 @@ def test_relaxed_bernoulli_cdf_is_a_cdf_with_the_right_mass():
     samples = sample_relaxed_bernoulli(0.3, 0.4, (20000,), generator)
     for q in (0.1, 0.3, 0.8):
         empirical = float((samples <= q).float().mean())
-        assert empirical == pytest.approx(float(relaxed_bernoulli_cdf(torch.tensor(q), torch.tensor(0.3), torch.tensor(0.4))), abs=0.01)
+        assert empirical == pytest.approx(
+            float(relaxed_bernoulli_cdf(torch.tensor(q), torch.tensor(0.3), torch.tensor(0.4))), abs=0.01
+        )
 
 
 def test_loss_is_lower_when_values_follow_the_prior():

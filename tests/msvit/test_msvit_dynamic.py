@@ -23,26 +23,31 @@ from hf_msvit.models.msvit.modeling_msvit import MSViTLayer, partition_by_length
 
 
 def tiny_config(**overrides) -> MSViTConfig:
-    values = dict(
-        image_size=64,
-        patch_size=8,
-        coarse_patch_size=16,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        gate_hidden_size=16,
-        num_labels=5,
-    )
+    values = {
+        "image_size": 64,
+        "patch_size": 8,
+        "coarse_patch_size": 16,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 48,
+        "gate_hidden_size": 16,
+        "num_labels": 5,
+    }
     values.update(overrides)
     return MSViTConfig(**values)
 
 
 def tiny_vit(**overrides) -> ViTForImageClassification:
-    values = dict(
-        image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, num_labels=5,
-    )
+    values = {
+        "image_size": 64,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 48,
+        "num_labels": 5,
+    }
     values.update(overrides)
     torch.manual_seed(0)
     return ViTForImageClassification(ViTConfig(**values)).eval()
@@ -98,8 +103,14 @@ def test_upcycling_from_directory_reuses_every_backbone_weight():
 def test_base_model_upcycling_matches_vit_model():
     torch.manual_seed(0)
     vit = ViTModel(
-        ViTConfig(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=48)
+        ViTConfig(
+            image_size=64,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+        )
     ).eval()
     model = MSViTModel.from_vit_pretrained(vit, coarse_patch_size=16)
     x = images(2)
@@ -329,7 +340,9 @@ def test_gate_starts_at_the_target_ratio(target):
     """Fresh and upcycled gates start with every region near p(fine) = gbas_target_ratio."""
     x = images(4)
     fresh = MSViTForImageClassification(tiny_config(gbas_target_ratio=target)).eval()
-    upcycled = MSViTForImageClassification.from_vit_pretrained(tiny_vit(), coarse_patch_size=16, gbas_target_ratio=target)
+    upcycled = MSViTForImageClassification.from_vit_pretrained(
+        tiny_vit(), coarse_patch_size=16, gbas_target_ratio=target
+    )
     for model in (fresh, upcycled):
         with torch.no_grad():
             probs = model(x).gate_probs
@@ -371,8 +384,9 @@ def test_fine_region_budget_tokenizes_the_top_k_regions(budget):
         assert out.fine_region_mask.flatten(1).sum(1).tolist() == [count] * 6
         assert out.num_tokens.tolist() == [1 + 16 + 3 * count] * 6  # every image the same length: no padding
         probs = out.gate_probs.flatten(1)
-        chosen, rest = probs.masked_fill(~out.fine_region_mask.flatten(1), 2.0), probs.masked_fill(
-            out.fine_region_mask.flatten(1), -1.0
+        chosen, rest = (
+            probs.masked_fill(~out.fine_region_mask.flatten(1), 2.0),
+            probs.masked_fill(out.fine_region_mask.flatten(1), -1.0),
         )
         assert (chosen.min(1).values >= rest.max(1).values).all()  # the k highest gate probabilities
         same = model(x, fine_region_mask=out.fine_region_mask)
@@ -404,9 +418,15 @@ def test_empty_batch_is_a_clear_error():
 @pytest.mark.parametrize(
     "backbone",
     [
-        dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),  # ViT-S/16
-        dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),  # ViT-Ti/16
-        dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, intermediate_size=192, image_size=96),
+        {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},  # ViT-S/16
+        {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},  # ViT-Ti/16
+        {
+            "hidden_size": 96,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 3,
+            "intermediate_size": 192,
+            "image_size": 96,
+        },  # the built-in data's ViT
     ],
 )
 @pytest.mark.parametrize("gate_input", ["pixels", "embeddings"])

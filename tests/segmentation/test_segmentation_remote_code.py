@@ -4,11 +4,12 @@ the segmentation model, its image processor (with segmentation maps), the backbo
 import json
 
 import torch
-from remote_code import run_without_hf_msvit
 from transformers import UperNetConfig
 
 from hf_msvit import MSViTBackbone, MSViTConfig, MSViTForSemanticSegmentation, MSViTImageProcessor
 from hf_msvit.segmentation import DynamicUperNetForSemanticSegmentation
+
+from remote_code import run_without_hf_msvit
 
 
 TINY = {

@@ -14,6 +14,7 @@ import torch
 
 from hf_msvit import DiTConfig, DiTForImageClassification, MSViTConfig, MSViTForImageClassification
 
+
 WORLD_SIZE = 2
 PER_RANK_BATCH = 4
 NUM_STEPS = 4

@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from hf_msvit.distributed import fsdp_modules, full_parameters, save_full_pretrained, shard_model
 
+
 # Our models return views (e.g. reshaped gate probabilities); nothing modifies them in place, so the warning is noise.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
 

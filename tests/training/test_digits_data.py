@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
+
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("sklearn")
 
-from hf_msvit.data import (
+from hf_msvit.data import (  # noqa: E402 (after the importorskips)
     DIGIT_NAMES,
     SEGMENTATION_LABELS,
     load_digits_on_canvas,

@@ -1,4 +1,5 @@
-"""FSDP2 on CPU: MSViT and DiT sharded with `fully_shard` train in two processes (torchrun, gloo) as one process does on
+"""FSDP2 on CPU: MSViT and DiT sharded with `fully_shard` train in two processes (torchrun, gloo) as one process does
+on
 the global batch, with ranks that route differently on purpose.
 
 One torchrun launch (fsdp_worker.py) runs every distributed scenario; this module compares its per-rank reports with a
@@ -33,6 +34,7 @@ from transformers import AutoModelForImageClassification
 from transformers.testing_utils import get_torch_dist_unique_port
 
 from hf_msvit.distributed import full_parameters, shard_model, sharded_layer_classes
+
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "accelerate_configs"

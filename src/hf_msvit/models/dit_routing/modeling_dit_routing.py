@@ -15,7 +15,8 @@
 
 The grid has `num_encoder_blocks` rows (scales at strides 4..32) and `num_routing_columns + 1` node columns. Node
 `F[i][j]` feeds the transformer stage `grid[i][j]` (a copy of PVTv2 stage `i`: its blocks and its final LayerNorm) into
-node `F[i][j + 1]`, and the overlapping patch embedding `patch_embeddings[i][j]` (a copy of PVTv2's patch embedding into
+node `F[i][j + 1]`, and the overlapping patch embedding `patch_embeddings[i][j]` (a copy of PVTv2's patch embedding
+into
 scale `i + 1`) into node `F[i + 1][j]`. A node sums what reaches it (paper Eq. 4):
 
     F[i][j] = G * stage(F[i][j-1]) + (1 - G) * F[i][j-1]  +  g * patch_embedding(F[i-1][j])
@@ -26,7 +27,8 @@ PVTv2's modules come from transformers (`transformers.models.pvt_v2.modeling_pvt
 something, so the parameter names the PVTv2 converter maps are PVTv2's own.
 
 Multiply-accumulates: every module that computes something has a static `macs(...)` beside it; `_RouteLedger` sums
-them for the route an image took (the `macs` output and the budget loss), and `dit_route_macs` runs the same ledger over
+them for the route an image took (the `macs` output and the budget loss), and `dit_route_macs` runs the same ledger
+over
 the static or full route from a config alone.
 """
 
@@ -256,7 +258,8 @@ class DiTGate(nn.Module):
         self.ema_steps.add_(1)
 
     def _apply(self, fn, recurse=True):
-        # A dtype cast of the model (`.to(torch.bfloat16)`, `.half()`) must not round the EMA: in bfloat16 a momentum of
+        # A dtype cast of the model (`.to(torch.bfloat16)`, `.half()`) must not round the EMA: in bfloat16 a momentum
+        # of
         # 0.999 is 1.0 and the average would never move. Device moves apply as usual.
         ema = {name: self._buffers[name] for name in ("ema_weight", "ema_bias")}
         super()._apply(fn, recurse)
@@ -339,7 +342,8 @@ class DiTConvFeedForwardNetwork(PvtV2ConvFeedForwardNetwork):
 
     def depthwise(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """PVTv2's depth-wise conv (`self.dwconv`) on the tokens viewed as a channels-last map. Not
-        `PvtV2DepthWiseConv.forward`: for a one-image batch its transpose-view makes oneDNN copy the map to NCHW first."""
+        `PvtV2DepthWiseConv.forward`: for a one-image batch its transpose-view makes oneDNN copy the map to NCHW
+        first."""
         return _to_tokens(self.dwconv.dwconv(_to_map(hidden_states, (height, width))))
 
     def finish(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -493,7 +497,8 @@ class _TokenSelection:
 
 
 def _feed_forward_inference(mlp, normed: torch.Tensor, residual: torch.Tensor, size, selection: _TokenSelection):
-    """Inference: `residual += mlp(normed)` for the packed rows `(total_selected, C)` of `selection`, tokens outside the
+    """Inference: `residual += mlp(normed)` for the packed rows `(total_selected, C)` of `selection`, tokens outside
+    the
     selection entering the depth-wise conv as zeros. The same result as the MLP's forward, computed a few images and a
     slice of the intermediate channels at a time (the map of the widest tensor, 4-8 times the hidden size, then stays
     in cache), accumulating the output projection in place."""
@@ -507,7 +512,9 @@ def _feed_forward_inference(mlp, normed: torch.Tensor, residual: torch.Tensor, s
     for block in blocks:
         inputs, output = normed[block.rows], residual[block.rows]
         if block.map_index is not None:
-            block_map = scratch[: block.num_images * selection.num_tokens].zero_()  # its channel slices write the same rows
+            block_map = scratch[
+                : block.num_images * selection.num_tokens
+            ].zero_()  # its channel slices write the same rows
         for start in range(0, weight_1.shape[0], channels):
             part = slice(start, start + channels)
             intermediate = torch.addmm(bias_1[part], inputs, weight_1[part].t())
@@ -549,7 +556,8 @@ class DiTStage(nn.Module):
         self, hidden_states: torch.Tensor, height: int, width: int, token_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Dense path: every token is computed; with `token_mask` `(batch, tokens)` of 0/1 values the output is
-        `mask * stage(x) + (1 - mask) * x`, skipped tokens frozen inside the stage too (at their values, or at zero with
+        `mask * stage(x) + (1 - mask) * x`, skipped tokens frozen inside the stage too (at their values, or at zero
+        with
         `stage_input="masked_map"`). The reference semantics, and the training path: gradients reach the gates. At
         inference without a mask it runs `forward_selected` on every token (same values, cache-blocked MLP)."""
         if token_mask is None and not (self.training or torch.is_grad_enabled()):
@@ -698,7 +706,8 @@ class _RouteLedger:
 
 def mean_token_keep_ratio(stage_keep_ratio: torch.Tensor) -> torch.Tensor:
     """`(batch, scales, columns)` per-stage keep ratios -> `(batch,)`: the mean over the stages that ran for each image
-    (a stage that did not run is not a stage that kept 0% of its tokens). The one definition of DiT's token keep ratio."""
+    (a stage that did not run is not a stage that kept 0% of its tokens). The one definition of DiT's token keep
+    ratio."""
     flat = stage_keep_ratio.flatten(1)
     ran = flat > 0
     return (flat * ran).sum(1) / ran.sum(1).clamp_min(1)
@@ -728,7 +737,8 @@ def dit_route_macs(config: DiTConfig, height: int, width: int, routing_mode: str
 class _Route:
     """One routing pass over the grid: node features, the row decisions taken, and their ledgers.
 
-    `mode`: `"fixed"` (static / full route, known in advance), `"sample"` (training in dynamic mode: every node computed
+    `mode`: `"fixed"` (static / full route, known in advance), `"sample"` (training in dynamic mode: every node
+    computed
     densely and multiplied by straight-through decisions) or `"sparse"` (inference: only what the route needs).
     `budget_ledger` (training with `budget_decisions="deterministic"`) prices the decisions inference would take.
     """
@@ -853,7 +863,8 @@ class DiTPreTrainedModel(PreTrainedModel):
         Every copy of grid stage `i` starts from PVTv2 stage `i`, every patch embedding into scale `i` from PVTv2's,
         the stem from PVTv2's first patch embedding; gates are new and, unless overridden, start on PVTv2's route
         (`gate_init="static_route"`: the dynamic model starts at exactly PVTv2's function and cost) and train on the
-        route inference takes (`gate_noise_scale=0`). With `routing_mode="static"` the result computes exactly the PVTv2
+        route inference takes (`gate_noise_scale=0`). With `routing_mode="static"` the result computes exactly the
+        PVTv2
         function.
         """
         from .convert_pvt_v2_to_dit_routing import convert_pvt_v2_to_dit
@@ -872,7 +883,8 @@ class DiTModel(DiTPreTrainedModel):
         self.grid = nn.ModuleList(
             [nn.ModuleList([DiTStage(config, scale) for _ in range(num_columns)]) for scale in range(num_scales)]
         )
-        # patch_embeddings[i][j]: downsampling from node (i, j) to node (i + 1, j) (PVTv2's embedding into scale i + 1).
+        # patch_embeddings[i][j]: downsampling from node (i, j) to node (i + 1, j) (PVTv2's embedding into scale i +
+        # 1).
         self.patch_embeddings = nn.ModuleList(
             [
                 nn.ModuleList([DiTOverlapPatchEmbeddings(config, scale + 1) for _ in range(num_columns + 1)])
@@ -887,7 +899,9 @@ class DiTModel(DiTPreTrainedModel):
         )
         self.column_gates = nn.ModuleList(
             [
-                nn.ModuleList([DiTGate(config, scale, column == static[scale] + 1) for column in range(num_columns + 1)])
+                nn.ModuleList(
+                    [DiTGate(config, scale, column == static[scale] + 1) for column in range(num_columns + 1)]
+                )
                 for scale in range(num_scales - 1)
             ]
         )
@@ -939,7 +953,8 @@ class DiTModel(DiTPreTrainedModel):
         expected = f"(batch_size, {config.num_channels}, height, width)"
         if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
             raise ValueError(
-                f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}: the channel dimension must "
+                f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}: the channel dimension "
+                f"must "
                 f"match num_channels={config.num_channels} in the configuration (the image processor converts "
                 "grayscale images to RGB)."
             )
@@ -957,7 +972,8 @@ class DiTModel(DiTPreTrainedModel):
         return [gate for rows in (self.row_gates, self.column_gates) for gate_row in rows for gate in gate_row]
 
     def _start_route(self, pixel_values: torch.Tensor, sizes, threshold: float) -> _Route:
-        """An empty route over the grid, its ledger holding the stem's cost (MACs and routing outputs in float32 whatever
+        """An empty route over the grid, its ledger holding the stem's cost (MACs and routing outputs in float32
+        whatever
         the model dtype: half precision cannot count to 1e9)."""
         config = self.config
         batch_size, device = pixel_values.shape[0], pixel_values.device
@@ -977,7 +993,8 @@ class DiTModel(DiTPreTrainedModel):
         if not self.training:
             return _Route("sparse", ledger, threshold)
         # Training computes every node densely and multiplies by the straight-through decisions: the gates then get
-        # gradients also for skipped tokens and closed edges, every parameter is in the graph (DDP and FSDP see the same
+        # gradients also for skipped tokens and closed edges, every parameter is in the graph (DDP and FSDP see the
+        # same
         # collectives on every process), and the values equal the sparse inference path exactly.
         # CODEPATH: "deterministic" (default) prices inference's decisions; "sampled" the Gumbel samples.
         budget_ledger = _RouteLedger(config, sizes, macs) if config.budget_decisions == "deterministic" else None
@@ -1069,7 +1086,9 @@ class DiTModel(DiTPreTrainedModel):
         ledger.bill_gates(scale, column)
         # CODEPATH: every checkpoint; the last node column has no stage after it.
         if column < self.config.num_routing_columns:
-            ledger.bill_stage(scale, column, self.row_gates[scale][column].straight_through(features, route.row_threshold))
+            ledger.bill_stage(
+                scale, column, self.row_gates[scale][column].straight_through(features, route.row_threshold)
+            )
         # CODEPATH: every checkpoint; the coarsest scale has no downsampling edge.
         if scale + 1 < self.config.num_encoder_blocks:
             ledger.bill_edge(scale, column, self.column_gates[scale][column].straight_through(features.mean(1)))
@@ -1085,7 +1104,9 @@ class DiTModel(DiTPreTrainedModel):
         last_hidden_state = route.features[(num_scales - 1, num_columns)]
         hidden_states = None
         if stem_map is not None:
-            last_column = [_to_map(route.features[(scale, num_columns)], ledger.sizes[scale]) for scale in range(num_scales)]
+            last_column = [
+                _to_map(route.features[(scale, num_columns)], ledger.sizes[scale]) for scale in range(num_scales)
+            ]
             hidden_states = (stem_map, *last_column)
         return DiTModelOutput(
             last_hidden_state=_to_map(last_hidden_state, ledger.sizes[-1]).contiguous(),

@@ -156,4 +156,10 @@ def gather_across_processes(values: torch.Tensor) -> torch.Tensor:
         return torch.cat(all_gather(values), dim=0)
 
 
-__all__ = ["GeneralizedBatchShaping", "batch_shaping_loss", "gather_across_processes", "normal_cdf", "relaxed_bernoulli_cdf"]
+__all__ = [
+    "GeneralizedBatchShaping",
+    "batch_shaping_loss",
+    "gather_across_processes",
+    "normal_cdf",
+    "relaxed_bernoulli_cdf",
+]

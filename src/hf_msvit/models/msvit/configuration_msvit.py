@@ -138,7 +138,8 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
     ```python
     >>> from hf_msvit import MSViTConfig, MSViTModel
 
-    >>> configuration = MSViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
+    >>> configuration = MSViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+    ... intermediate_size=1536)
     >>> model = MSViTModel(configuration)
     ```"""
 
@@ -196,7 +197,7 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
     _out_indices: list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        self.pooler_output_size = self.pooler_output_size if self.pooler_output_size else self.hidden_size
+        self.pooler_output_size = self.pooler_output_size or self.hidden_size
         if self.gate_hidden_size is None:
             self.gate_hidden_size = self.default_gate_hidden_size()
         # The one place that writes `auto_map`: every checkpoint names all our classes, so `AutoModel` also loads a
@@ -247,9 +248,12 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-        if not self.gbas_prior_temperature > 0 or (self.gbas_learn_prior_temperature and self.gbas_prior_temperature >= 1):
+        if not self.gbas_prior_temperature > 0 or (
+            self.gbas_learn_prior_temperature and self.gbas_prior_temperature >= 1
+        ):
             raise ValueError(
-                f"gbas_prior_temperature must be positive (and below 1 when learned), got {self.gbas_prior_temperature}."
+                f"gbas_prior_temperature must be positive (and below 1 when learned), got "
+                f"{self.gbas_prior_temperature}."
             )
         if not 0 <= self.gate_calibration_momentum < 1:
             raise ValueError(f"gate_calibration_momentum must lie in [0, 1), got {self.gate_calibration_momentum}.")

@@ -118,7 +118,8 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def expand_region_mask(region_mask: torch.Tensor, ratio: int) -> torch.Tensor:
-    """`(batch, Hc, Wc)` -> `(batch, Hc * ratio * Wc * ratio)`: each region's value on its fine patches, raster order."""
+    """`(batch, Hc, Wc)` -> `(batch, Hc * ratio * Wc * ratio)`: each region's value on its fine patches, raster
+    order."""
     return region_mask.repeat_interleave(ratio, dim=1).repeat_interleave(ratio, dim=2).flatten(1)
 
 
@@ -154,7 +155,8 @@ class MSViTPatchEmbeddings(nn.Module):
 
 
 class OneElementLogitBias(ConversionOps):
-    """Loads the gate's `logit_bias` as a 1-element tensor: checkpoints written before FSDP2 support (which cannot shard
+    """Loads the gate's `logit_bias` as a 1-element tensor: checkpoints written before FSDP2 support (which cannot
+    shard
     0-dim parameters) stored it as a scalar. Its own reverse: new checkpoints keep the 1-element shape."""
 
     def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
@@ -239,7 +241,8 @@ class MSViTTokens:  # trf-ignore: TRF031 an internal hand-off between modules, n
 
 
 class MSViTGate(nn.Module):
-    """The region gate: an MLP scoring each coarse region; `sigmoid(score)` is the probability of tokenizing it fine."""
+    """The region gate: an MLP scoring each coarse region; `sigmoid(score)` is the probability of tokenizing it
+    fine."""
 
     def __init__(self, config: MSViTConfig):
         super().__init__()
@@ -469,7 +472,9 @@ class MSViTAttention(ViTAttention):
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         dropout = self.attention_dropout if self.training else 0.0
-        attn_output, attn_weights = gate_weighted_attention(self, query, key, value, key_weights, self.scaling, dropout)
+        attn_output, attn_weights = gate_weighted_attention(
+            self, query, key, value, key_weights, self.scaling, dropout
+        )
         return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
 
 
@@ -909,7 +914,8 @@ class MSViTSemanticSegmenterOutput(SemanticSegmenterOutput):
 
 @auto_docstring(
     custom_intro="""
-    MSViT with Segmenter's linear decoder for semantic segmentation (e.g. ADE20k): every encoder token is mapped to class
+    MSViT with Segmenter's linear decoder for semantic segmentation (e.g. ADE20k): every encoder token is mapped to
+    class
     scores, the scores are put back on the fine patch grid (a coarse token's scores fill its region) and bilinearly
     upsampled to the input size.
     """
@@ -961,7 +967,9 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
         ```
         """
         if labels is not None and self.config.num_labels < 2:
-            raise ValueError(f"Semantic segmentation needs at least 2 labels, the config has {self.config.num_labels}.")
+            raise ValueError(
+                f"Semantic segmentation needs at least 2 labels, the config has {self.config.num_labels}."
+            )
         outputs: MSViTModelOutput = self.msvit(
             pixel_values,
             fine_region_mask=fine_region_mask,
