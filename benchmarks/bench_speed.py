@@ -7,8 +7,9 @@
 
 Models. MSViT-S/16 is upcycled from a random HF `ViTForImageClassification` (ViT-S/16, 224 px); its fine ratio is set
 by choosing the gate threshold as a quantile of the batch's gate probabilities, so the gate runs as in deployment and
-images get different token counts. DiT-b1/b2 are upcycled from random HF `PvtV2ForImageClassification`; their row
-gates are set to compute a given fraction of the tokens of every stage on PVTv2's route (`dit_bench.py`).
+images get different token counts, and, in the "budget" rows, by `fine_region_budget` (the same number of fine regions
+in every image: equal lengths, no buckets). DiT-b1/b2 are upcycled from random HF `PvtV2ForImageClassification`;
+their row gates are set to compute a given fraction of the tokens of every stage on PVTv2's route (`dit_bench.py`).
 
 Method. One worker process per group (family, variant, batch size): it builds the baseline, our model on its static
 route (MSViT with every region fine, DiT on PVTv2's route) and the dynamic model at each ratio, then times them
@@ -79,6 +80,10 @@ def msvit_models(spec, pixel_values):
         for ratio in spec["ratios"]:
             threshold = msvit_threshold_for_ratio(msvit, pixel_values, ratio)
             models[f"dynamic:{mode}:{ratio}"] = (msvit, batching(mode), {"gate_threshold": threshold})
+    if "bucket" in spec["token_batching"]:  # the fixed-budget mode: every image the same length, no buckets
+        for ratio in spec["ratios"]:
+            if 0.0 < ratio < 1.0:
+                models[f"budget:bucket:{ratio}"] = (msvit, batching("bucket"), {"fine_region_budget": float(ratio)})
     return models
 
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from .distributed import fsdp_modules, full_parameters
+
 
 def ratio_metric_name(model_or_config) -> str:
     """Name of the per-image token ratio a model reports: `fine_region_ratio` (MSViT) or `token_keep_ratio` (DiT)."""
@@ -179,6 +181,8 @@ class DynamicComputeTrainer(Trainer):
       `train()` carry the values of the last logging window.
     - `gate_learning_rate`: the gate parameters (`gate_parameter_names`) form their own optimizer groups with this
       learning rate (same schedule and weight decay as the rest).
+    - FSDP2: evaluation forwards run under `hf_msvit.distributed.full_parameters`, so processes whose images take
+      different routes still run the same collectives.
     """
 
     def __init__(self, *args, gate_learning_rate: float | None = None, **kwargs):
@@ -188,6 +192,12 @@ class DynamicComputeTrainer(Trainer):
         self._ratio_name = ratio_metric_name(self.model)
         self._train_sums = None  # MACs, ratio and images of the current logging window
         self._last_train_compute: dict[str, float] = {}
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not fsdp_modules(model):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        with full_parameters(model):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
