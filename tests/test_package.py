@@ -1,4 +1,4 @@
-"""Package-level contracts: Auto registration on import, model folders fit for remote code, mlinter clean."""
+"""Package-level contracts: Auto registration on import, model folders fit for remote code, mlinter and ruff clean."""
 
 import re
 import shutil
@@ -15,6 +15,8 @@ import hf_msvit
 
 MODELS = Path(hf_msvit.__file__).parent / "models"
 MLINTER = shutil.which("mlinter", path=str(Path(sys.executable).parent)) or shutil.which("mlinter")
+RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_import_registers_the_auto_classes():
@@ -36,4 +38,11 @@ def test_model_folders_import_only_siblings(path):
 @pytest.mark.skipif(MLINTER is None, reason="transformers-mlinter is installed with the test extra")
 def test_mlinter_is_clean_on_the_model_folders():
     result = subprocess.run([MLINTER, "--no-progress", str(MODELS)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+@pytest.mark.skipif(RUFF is None, reason="ruff is installed with the test extra")
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="needs the source tree (its ruff configuration)")
+def test_ruff_is_clean_on_the_tree():
+    result = subprocess.run([RUFF, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
