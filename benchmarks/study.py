@@ -49,7 +49,7 @@ def run(output_dir: Path, args: list[str]) -> Path:
     if not marker.exists():
         started = time.time()
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        log = output_dir.with_suffix(".log")
+        log = output_dir.parent / f"{output_dir.name}.log"  # not with_suffix: "lr0.001" has a dot
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as handle:
             cmd = [sys.executable, str(SCRIPT), "--output_dir", str(output_dir), *COMMON, *args]

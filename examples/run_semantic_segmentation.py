@@ -187,7 +187,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         builtin = builtin_segmentation_data(data_args.canvas_size, data_args.digit_copies, data_args.background)
         dataset = datasets.DatasetDict(builtin)
         id2label = dict(enumerate(builtin_data.SEGMENTATION_LABELS))
-        name = builtin_data.DATASET_NAME
+        name = None  # the built-in data has no Hub id
     else:
         dataset = datasets.load_dataset(
             data_args.dataset_name,
@@ -496,7 +496,9 @@ def save_and_push(model, processor, training_args, metrics, dataset_name, base_m
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-    card = build_segmentation_model_card(model, repo_id, metrics, dataset_name, base_model)
+    card = build_segmentation_model_card(
+        model, repo_id, metrics, dataset_name, base_model, builtin_data=dataset_name is None
+    )
     card.save(os.path.join(output_dir, "README.md"))
     if training_args.push_to_hub:
         from huggingface_hub import HfApi

@@ -36,7 +36,6 @@ import numpy as np
 
 DIGIT_NAMES = [str(d) for d in range(10)]
 BACKGROUNDS = ("photo", "blank")
-DATASET_NAME = "hf-msvit/digits-on-canvas"  # the name used in model cards; the data is generated locally
 
 
 def _load_sklearn_digits():
@@ -270,7 +269,6 @@ def region_detail_fraction(images, region_size: int = 32, threshold: float = 0.0
 
 __all__ = [
     "BACKGROUNDS",
-    "DATASET_NAME",
     "DIGIT_NAMES",
     "SEGMENTATION_LABELS",
     "CanvasStyle",

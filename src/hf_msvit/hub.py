@@ -90,7 +90,8 @@ def training_settings(training_args=None, extra_settings: dict | None = None) ->
     return settings
 
 
-def _is_hub_id(name: str | None) -> bool:
+def is_hub_id(name: str | None) -> bool:
+    """A name that is not a local path: a Hub id (datasets and checkpoints named by local folders have none)."""
     return bool(name) and not os.path.exists(name)
 
 
@@ -98,7 +99,7 @@ def card_metadata(model, eval_metrics: dict, base_model=None, dataset_name=None,
     """`ModelCardData` for the card's YAML header; a `model-index` only when `dataset_name` is a Hub dataset id (as
     transformers' own cards: a result without a dataset would be rejected by the Hub)."""
     model_type = model.config.model_type
-    dataset_id = dataset_name if _is_hub_id(dataset_name) else None
+    dataset_id = dataset_name if is_hub_id(dataset_name) else None
     accuracy = eval_metrics.get("accuracy")
     eval_results = None
     if accuracy is not None and dataset_id is not None:
@@ -123,7 +124,7 @@ def card_metadata(model, eval_metrics: dict, base_model=None, dataset_name=None,
         tags=tags,
         datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
-        base_model=base_model if _is_hub_id(base_model) else None,
+        base_model=base_model if is_hub_id(base_model) else None,
         model_name=model_name,
         eval_results=eval_results,
     )

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +37,7 @@ from transformers import Trainer, UperNetConfig, UperNetForSemanticSegmentation
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils.generic import can_return_tuple
 
+from .hub import is_hub_id
 from .training import ComputeSpent
 
 
@@ -329,29 +329,40 @@ def _usage_code(model, repo_id: str) -> str:
 
 
 def build_segmentation_model_card(
-    model, repo_id: str, eval_metrics: dict, dataset_name: str | None = None, base_model: str | None = None
+    model,
+    repo_id: str,
+    eval_metrics: dict,
+    dataset_name: str | None = None,
+    base_model: str | None = None,
+    builtin_data: bool = False,
 ) -> ModelCard:
-    """A `ModelCard` for a model of `examples/run_semantic_segmentation.py`: metadata with a `model-index` (mean IoU),
-    usage code and the evaluation metrics (`eval_*` keys of `eval_metrics`: mIoU, accuracies, GMACs, token ratio)."""
+    """A `ModelCard` for a model of `examples/run_semantic_segmentation.py`: usage code and the evaluation metrics
+    (`eval_*` keys of `eval_metrics`: mIoU, accuracies, GMACs, token ratio); the metadata names the dataset and holds a
+    `model-index` (mean IoU) only when `dataset_name` is a Hub id. `builtin_data`: trained on the built-in data."""
     model = getattr(model, "module", model)
     is_upernet = isinstance(model, UperNetForSemanticSegmentation)
     family = (model.config.backbone_config if is_upernet else model.config).model_type
     metrics = {key.removeprefix("eval_"): value for key, value in eval_metrics.items() if key.startswith("eval_")}
+    dataset_id = dataset_name if is_hub_id(dataset_name) and not builtin_data else None
+    if builtin_data:
+        dataset_label = "digits-on-canvas segmentation, built into hf_msvit"
+    else:
+        dataset_label = dataset_name or "custom data"
     body = CARD_TEMPLATE.format(
         name=repo_id.split("/")[-1],
         architecture=f"UperNet on a `{family}` backbone" if is_upernet else "MSViT with a linear decoder",
         origin=f"upcycled from `{base_model}`" if base_model else "upcycled from a static backbone trained here",
         usage=_usage_code(model, repo_id),
-        dataset=dataset_name or "custom data",
+        dataset=dataset_label,
         rows="\n".join(f"| {name} | {metrics[name]:.4g} |" for name in CARD_METRICS if name in metrics),
     )
     results = None
-    if "mean_iou" in metrics:
+    if "mean_iou" in metrics and dataset_id is not None:
         results = [
             EvalResult(
                 task_type="image-segmentation",
-                dataset_type=dataset_name or "custom",
-                dataset_name=dataset_name or "custom",
+                dataset_type=dataset_id,
+                dataset_name=dataset_id,
                 metric_type="mean_iou",
                 metric_value=float(metrics["mean_iou"]),
             )
@@ -361,9 +372,9 @@ def build_segmentation_model_card(
         pipeline_tag="image-segmentation",
         license="apache-2.0",
         tags=["vision", "image-segmentation", "hf_msvit", family],
-        datasets=[dataset_name] if dataset_name else None,
+        datasets=[dataset_id] if dataset_id else None,
         metrics=["mean_iou"],
-        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+        base_model=base_model if is_hub_id(base_model) else None,
         model_name=repo_id.split("/")[-1],
         eval_results=results,
     )

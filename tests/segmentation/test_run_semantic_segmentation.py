@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSemanticSegmentation, UperNetForSemanticSegmentation
 
-from hf_msvit import DiTBackbone, MSViTForSemanticSegmentation
+from hf_msvit import DiTBackbone, MSViTConfig, MSViTForSemanticSegmentation
 
 
 pytest.importorskip("sklearn")
@@ -64,7 +64,7 @@ def test_push_to_hub_uploads_the_model_folder_with_a_card(tmp_path):
     import huggingface_hub
     from transformers import TrainingArguments
 
-    from hf_msvit import MSViTConfig, MSViTImageProcessor
+    from hf_msvit import MSViTImageProcessor
 
     script = load_script()
     config = MSViTConfig(image_size=32, patch_size=8, coarse_patch_size=16, hidden_size=32, num_hidden_layers=1,
@@ -79,10 +79,24 @@ def test_push_to_hub_uploads_the_model_folder_with_a_card(tmp_path):
     ):
         metrics = {"eval_mean_iou": 0.5, "eval_gmacs": 0.01}
         model, processor = MSViTForSemanticSegmentation(config), MSViTImageProcessor()
-        script.save_and_push(model, processor, args, metrics, "hf-msvit/digits-on-canvas", None)
+        script.save_and_push(model, processor, args, metrics, None, None)  # the built-in data
     assert len(calls) == 1 and calls[0]["repo_id"] == "me/msvit-seg"
     assert calls[0]["folder_path"] == str(tmp_path) and "phase-*" in calls[0]["ignore_patterns"]
     files = {path.name for path in tmp_path.iterdir()}
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_msvit.py", "README.md"} <= files
     card = (tmp_path / "README.md").read_text()
     assert "| mean_iou | 0.5 |" in card and "trust_remote_code=True" in card
+    # the built-in data has no Hub id: named in the text, no dataset and no model-index in the metadata
+    assert "built into hf_msvit" in card and "datasets:" not in card and "model-index" not in card
+
+
+def test_segmentation_card_names_a_hub_dataset_with_its_mean_iou():
+    from hf_msvit.segmentation import build_segmentation_model_card
+
+    config = MSViTConfig(image_size=32, patch_size=8, coarse_patch_size=16, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, gate_hidden_size=16, num_labels=3)  # fmt: skip
+    metrics = {"eval_mean_iou": 0.25, "eval_gmacs": 0.01}
+    card = build_segmentation_model_card(MSViTForSemanticSegmentation(config), "me/seg", metrics, "scene_parse_150")
+    assert card.data.datasets == ["scene_parse_150"]
+    result = card.data.eval_results[0]
+    assert result.metric_value == 0.25 and result.dataset_name == "scene_parse_150"
