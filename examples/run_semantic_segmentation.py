@@ -244,7 +244,7 @@ GATE_DEFAULTS = {
     "gbas_target_ratio": 0.3, "gbas_loss_weight": 5.0, "gbas_hyperprior_std": 0.05, "gate_hidden_size": 64,
     "gate_input": "pixels",
 }  # fmt: skip
-BUDGET_DEFAULTS = {"budget_target": 0.7, "budget_loss_weight": 1.0}
+BUDGET_DEFAULTS = {"budget_target": 0.7, "budget_loss_weight": 10.0}
 GATE_PREFIXES = ("msvit.embeddings.gate.", "msvit.batch_shaping.")
 
 
