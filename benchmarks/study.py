@@ -117,7 +117,7 @@ def dynamic_jobs(runs: Path, best: dict, quick: bool) -> dict:
             args = ["--model_name_or_path", str(pvt), "--budget_target", str(budget), "--budget_loss_weight", "10"]
             jobs[f"dit_b{budget}_s{seed}"] = (
                 runs / f"dit_b{budget}_s{seed}",
-                [*args, *dit_steps, "--gate_learning_rate", "1e-2", "--seed", str(seed)],
+                [*args, *dit_steps, "--gate_learning_rate", "1e-3", "--seed", str(seed)],
             )
     return jobs
 
