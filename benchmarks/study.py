@@ -95,7 +95,7 @@ def dynamic_jobs(runs: Path, best: dict, quick: bool) -> dict:
     )
     dit_steps = steps(
         quick,
-        ["--gate_only_max_steps", "90", "--max_steps", "180", "--learning_rate", "2e-4"],
+        ["--gate_only_max_steps", "90", "--max_steps", "180", "--learning_rate", "5e-4"],
         ["--gate_only_max_steps", "3", "--max_steps", "3"],
     )
     jobs = {}
