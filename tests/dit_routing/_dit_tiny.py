@@ -4,23 +4,14 @@ import torch
 
 from hf_msvit import DiTConfig, DiTForImageClassification
 
+from tiny_models import tiny_dit_config
+
 
 def tiny_config(**overrides) -> DiTConfig:
-    values = {
-        "image_size": 64,
-        "hidden_sizes": [8, 16, 24, 32],
-        "num_attention_heads": [1, 2, 3, 4],
-        "depths": [1, 2, 1, 1],
-        "sr_ratios": [4, 2, 1, 1],
-        "mlp_ratios": [2, 2, 2, 2],
-        "num_labels": 5,
-        # p(open) = 0.5 and larger gate weights: a random model routes part of the tokens and images.
-        "gate_init_compute_prob": 0.5,
-        "initializer_range": 0.2,
-        "attn_implementation": "eager",
-    }
-    values.update(overrides)
-    return DiTConfig(**values)
+    """The shared tiny DiT with two blocks at scale 1 and 5 labels. p(open) = 0.5 and larger gate weights: a random
+    model routes part of the tokens and images."""
+    values = {"depths": [1, 2, 1, 1], "num_labels": 5, "gate_init_compute_prob": 0.5, "initializer_range": 0.2}
+    return tiny_dit_config(**{**values, "attn_implementation": "eager", **overrides})
 
 
 def pixels(batch=3, size=64, seed=0):

@@ -21,21 +21,12 @@ from transformers import (
 from hf_msvit import MSViTConfig, MSViTForImageClassification, MSViTImageProcessor, MSViTModel
 from hf_msvit.models.msvit.modeling_msvit import MSViTLayer, partition_by_length
 
+from tiny_models import tiny_msvit_config
+
 
 def tiny_config(**overrides) -> MSViTConfig:
-    values = {
-        "image_size": 64,
-        "patch_size": 8,
-        "coarse_patch_size": 16,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 48,
-        "gate_hidden_size": 16,
-        "num_labels": 5,
-    }
-    values.update(overrides)
-    return MSViTConfig(**values)
+    """The shared tiny MSViT at 64 px (4x4 coarse regions) with 5 labels."""
+    return tiny_msvit_config(**{"image_size": 64, "num_labels": 5, **overrides})
 
 
 def tiny_vit(**overrides) -> ViTForImageClassification:

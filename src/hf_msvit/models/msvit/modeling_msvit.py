@@ -915,8 +915,7 @@ class MSViTSemanticSegmenterOutput(SemanticSegmenterOutput):
 @auto_docstring(
     custom_intro="""
     MSViT with Segmenter's linear decoder for semantic segmentation (e.g. ADE20k): every encoder token is mapped to
-    class
-    scores, the scores are put back on the fine patch grid (a coarse token's scores fill its region) and bilinearly
+    class scores, the scores are put back on the fine patch grid (a coarse token's scores fill its region) and bilinearly
     upsampled to the input size.
     """
 )
