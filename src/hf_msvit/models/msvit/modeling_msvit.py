@@ -915,8 +915,8 @@ class MSViTSemanticSegmenterOutput(SemanticSegmenterOutput):
 @auto_docstring(
     custom_intro="""
     MSViT with Segmenter's linear decoder for semantic segmentation (e.g. ADE20k): every encoder token is mapped to
-    class scores, the scores are put back on the fine patch grid (a coarse token's scores fill its region) and bilinearly
-    upsampled to the input size.
+    class scores, the scores are put back on the fine patch grid (a coarse token's scores fill its region) and
+    bilinearly upsampled to the input size.
     """
 )
 class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
