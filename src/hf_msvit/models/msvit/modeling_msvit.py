@@ -380,8 +380,8 @@ class MSViTEmbeddings(nn.Module):
 
     def _embed_selected(self, pixel_values, coarse_patches, decisions, cls, uniform_length=None) -> MSViTTokens:
         """Embeds only the patches that enter the encoder, each image's at the front of its row: the candidates (every
-        coarse region, then every fine patch) are ordered kept-first by a stable sort, so kept tokens keep raster
-        order; the patches are gathered and embedded in one matmul, padding rows zeroed."""
+        coarse region, then every fine patch) are ordered kept-first, kept tokens in raster order; the patches are
+        gathered and embedded in one matmul, padding rows zeroed."""
         batch_size, _ = decisions.fine.shape
         coarse_h, coarse_w = self.config.coarse_grid
         keep_fine = expand_region_mask(decisions.fine.reshape(batch_size, coarse_h, coarse_w), self.ratio)
@@ -389,7 +389,11 @@ class MSViTEmbeddings(nn.Module):
         lengths = keep.sum(dim=1)
         # trf-ignore: TRF056 the token count is data-dependent by design (known in advance with a budget)
         max_length = uniform_length if uniform_length is not None else int(lengths.max())
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :max_length]
+        # Kept-first, raster order within each group: the smallest `max_length` of unique keys (no stable sort, which
+        # ONNX lacks: `aten.sort.stable` has no ONNX function).
+        position = torch.arange(keep.shape[1], device=keep.device)
+        sort_key = (~keep).long() * keep.shape[1] + position
+        order = sort_key.topk(max_length, dim=1, largest=False).indices
         candidates = torch.cat([coarse_patches, patchify(pixel_values, self.config.patch_size)], dim=1)
         patches = candidates.gather(1, order[..., None].expand(-1, -1, candidates.shape[-1]))
         tokens = self.patch_embeddings(patches) + self.token_position_embeddings()[order]
