@@ -138,6 +138,12 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         gradients of the probabilities), so the budget binds on what evaluation computes. `"sampled"`: the Gumbel
         samples the training forward used (the paper); their cost is an expectation over samples, which differs from
         what the deterministic inference computes when many probabilities sit between 0 and 1.
+    compute_budget (`float`, *optional*):
+        Inference option: every image computes exactly this fraction of the static (PVTv2) route's cost (within 2%, as
+        `macs` reports it) instead of thresholding the row gates. The images follow PVTv2's route and every stage on it
+        computes the same number of tokens in every image, those its row gate scores highest, the same fraction at
+        every scale. Equal work per image: rectangular batches, no host syncs, a fixed latency, exportable graphs.
+        Also a `forward` argument. In `(0, 1]`; 1 is PVTv2's function exactly.
     drop_path_rate (`float`, *optional*, defaults to 0.0):
         Stochastic depth rate, spread linearly over the blocks of one PVTv2 pass (the same rate for every copy of a
         block in the grid).
@@ -199,6 +205,7 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
     budget_target: float | int = 1.0
     budget_loss_weight: float | int = 10.0
     budget_decisions: str = "deterministic"
+    compute_budget: float | int | None = None
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 
@@ -273,6 +280,16 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         for name, valid, wanted in checks:
             if not valid:
                 raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)}.")
+        if self.compute_budget is not None:
+            self.check_compute_budget(self.compute_budget)
+
+    @staticmethod
+    def check_compute_budget(budget) -> None:
+        """Raises `ValueError` unless `budget` is a fraction of the static cost in `(0, 1]`."""
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+            raise ValueError(
+                f"compute_budget must be a fraction of the static (PVTv2) route's cost in (0, 1], got {budget!r}."
+            )
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "DiTConfig":

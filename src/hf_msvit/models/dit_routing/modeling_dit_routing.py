@@ -227,9 +227,12 @@ class DiTGate(nn.Module):
             noise = self.noise_scale * (torch.log(uniform) - torch.log1p(-uniform))
             soft = torch.sigmoid((logit + noise) / self.temperature)
             return ((soft >= 0.5).to(soft.dtype) - soft.detach() + soft).to(features.dtype)
+        return (self.open_probability(features) >= threshold).to(features.dtype)
+
+    def open_probability(self, features: torch.Tensor) -> torch.Tensor:
+        """Inference: p(open) of `features` `(..., hidden_size)` under the EMA weights, shape `(...)`."""
         weight, bias = self.inference_weights()
-        logit = self._open_logit(features, weight.to(features.dtype), bias.to(features.dtype))
-        return (torch.sigmoid(logit) >= threshold).to(features.dtype)
+        return torch.sigmoid(self._open_logit(features, weight.to(features.dtype), bias.to(features.dtype)))
 
     def straight_through(self, features: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
         """The decisions inference would take with the current trained weights (`p >= threshold`), with the gradient of
@@ -460,6 +463,13 @@ class _TokenSelection:
         return cls(batch_size, num_tokens, [num_tokens] * batch_size)
 
     @classmethod
+    def from_indices(cls, indices: torch.Tensor, num_tokens: int) -> "_TokenSelection":
+        """The tokens `indices` `(batch, count)` of every image: the same count per image, so no padding."""
+        batch_size, count = indices.shape
+        read_index = indices + torch.arange(batch_size, device=indices.device)[:, None] * num_tokens
+        return cls(batch_size, num_tokens, [count] * batch_size, read_index, read_index.view(-1))
+
+    @classmethod
     def from_mask(cls, selected: torch.Tensor, counts: list[int]) -> "_TokenSelection":
         batch_size, num_tokens = selected.shape
         max_selected = max(counts)
@@ -584,6 +594,21 @@ class DiTStage(nn.Module):
             if max(counts) == 0:
                 return hidden_states.clone()
             selection = _TokenSelection.from_mask(selected, counts)
+        return self._compute_selection(hidden_states, height, width, selection, selected)
+
+    def forward_top_tokens(self, hidden_states: torch.Tensor, height: int, width: int, indices: torch.Tensor):
+        """Inference: `forward_selected` for the tokens `indices` `(batch, count)`, the same count in every image (no
+        padding, no host sync: the exact-budget mode)."""
+        selected = None
+        if self.masked_input:
+            selected = torch.zeros(hidden_states.shape[:2], dtype=torch.bool, device=indices.device)
+            selected.scatter_(1, indices, True)
+        selection = _TokenSelection.from_indices(indices, hidden_states.shape[1])
+        return self._compute_selection(hidden_states, height, width, selection, selected)
+
+    def _compute_selection(self, hidden_states, height: int, width: int, selection: "_TokenSelection", selected):
+        """Runs the blocks on the rows of `selection` (skipped rows zero inside the stage with `masked_map`)."""
+        hidden_size = hidden_states.shape[-1]
         rows = hidden_states.reshape(-1, hidden_size).clone()
         if self.masked_input and selected is not None:
             rows *= selected.reshape(-1, 1)
@@ -670,9 +695,10 @@ class _RouteLedger:
             num_selected = reach * decisions.float().sum(1)
             keep = num_selected / (height * width)
             active = (num_selected > 0).float() + keep - keep.detach()
-        else:
-            num_selected, keep = reach * decisions * height * width, reach * decisions
-            active = keep
+        else:  # Python numbers: 1/0 on a fixed route, a fraction of the tokens in the exact-budget mode
+            keep = reach * decisions
+            num_selected = round(keep * height * width)
+            active = int(num_selected > 0)
         self.macs = self.macs + DiTStage.macs(self.config, scale, height, width, num_selected, active)
         if self.stage_keep_ratio is not None:
             self.stage_keep_ratio[:, scale, column] = keep.detach() if isinstance(keep, torch.Tensor) else keep
@@ -692,15 +718,16 @@ class _RouteLedger:
             self.downsampled[:, scale, column] = taken.detach() if isinstance(taken, torch.Tensor) else taken
         return taken
 
-    def bill_gates(self, scale: int, column: int) -> None:
-        """The gates leaving node (scale, column): a row gate on every token, a column gate on the pooled map."""
+    def bill_gates(self, scale: int, column: int, column_gate: bool = True) -> None:
+        """The gates leaving node (scale, column): a row gate on every token, a column gate on the pooled map (not
+        evaluated in the exact-budget mode, whose route is fixed: `column_gate=False`)."""
         height, width = self.sizes[scale]
         hidden = self.config.hidden_sizes[scale]
         # CODEPATH: every checkpoint; the last node column has no row gate.
         if column < self.config.num_routing_columns:
             self.macs = self.macs + self.reach[(scale, column)] * DiTGate.macs(height * width, hidden)
         # CODEPATH: every checkpoint; the coarsest scale has no column gate.
-        if scale + 1 < self.config.num_encoder_blocks:
+        if column_gate and scale + 1 < self.config.num_encoder_blocks:
             self.macs = self.macs + self.reach[(scale, column)] * DiTGate.macs(1, hidden)
 
 
@@ -733,13 +760,50 @@ def dit_route_macs(config: DiTConfig, height: int, width: int, routing_mode: str
     return int(ledger.macs)
 
 
+def compute_budget_tokens(config: DiTConfig, height: int, width: int, compute_budget: float) -> list[int]:
+    """Tokens per scale that each stage of PVTv2's route computes in the exact-budget mode, so that an image of
+    `height x width` costs `compute_budget` times the static route (classifier excluded), as close as whole tokens
+    allow: the same fraction of the tokens at every scale, then single tokens moved to close the rounding gap. Below
+    1 the row gates that rank the tokens are paid for too."""
+    config.check_compute_budget(compute_budget)
+    sizes = _scale_sizes(config, height, width)
+    num_tokens = [h * w for h, w in sizes]
+    static = dit_route_macs(config, height, width, "static")
+    if compute_budget >= 1.0:
+        return num_tokens
+    per_token = [config.depths[s] * DiTBlockLayer.macs(config, s, *sizes[s])[1] for s in range(len(sizes))]
+    gates = sum(DiTGate.macs(n, hidden) for n, hidden in zip(num_tokens, config.hidden_sizes))
+
+    def cost(tokens):
+        return static + gates - sum(p * (n - k) for p, n, k in zip(per_token, num_tokens, tokens))
+
+    target = compute_budget * static
+    fraction = 1.0 - (static + gates - target) / sum(p * n for p, n in zip(per_token, num_tokens))
+    tokens = [min(n, max(1, round(fraction * n))) for n in num_tokens]
+    while True:  # greedy single-token moves while they bring the cost closer to the target
+        moves = [tokens[:s] + [tokens[s] + d] + tokens[s + 1 :] for s in range(len(tokens)) for d in (-1, 1)]
+        moves = [m for m in moves if all(1 <= k <= n for k, n in zip(m, num_tokens))]
+        best = min(moves, key=lambda m: abs(cost(m) - target))
+        if abs(cost(best) - target) >= abs(cost(tokens) - target):
+            break
+        tokens = best
+    if cost(tokens) > 1.02 * target:
+        cheapest = cost([1] * len(tokens)) / static
+        raise ValueError(
+            f"compute_budget {compute_budget} is below what PVTv2's route can cost at {height}x{width} px with one "
+            f"token per stage ({cheapest:.3f} of the static cost: the per-image parts and the gates): ask for more."
+        )
+    return tokens
+
+
 @dataclass
 class _Route:
     """One routing pass over the grid: node features, the row decisions taken, and their ledgers.
 
     `mode`: `"fixed"` (static / full route, known in advance), `"sample"` (training in dynamic mode: every node
     computed
-    densely and multiplied by straight-through decisions) or `"sparse"` (inference: only what the route needs).
+    densely and multiplied by straight-through decisions), `"sparse"` (inference: only what the route needs) or
+    `"budget"` (inference, exact budget: PVTv2's route, `tokens_per_scale` top-scoring tokens per stage).
     `budget_ledger` (training with `budget_decisions="deterministic"`) prices the decisions inference would take.
     """
 
@@ -747,6 +811,7 @@ class _Route:
     ledger: _RouteLedger
     row_threshold: float
     budget_ledger: _RouteLedger | None = None
+    tokens_per_scale: list[int] | None = None
     features: dict = field(default_factory=dict)  # (scale, column) -> (batch, tokens, C)
     row_decisions: dict = field(default_factory=dict)  # (scale, column) -> decisions of stage (scale, column)
     reached_index: dict = field(default_factory=dict)  # sparse mode: (scale, column) -> reached images (None: all)
@@ -921,22 +986,32 @@ class DiTModel(DiTPreTrainedModel):
     @can_return_tuple
     @auto_docstring
     def forward(
-        self, pixel_values: torch.Tensor, gate_threshold: float | None = None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        pixel_values: torch.Tensor,
+        gate_threshold: float | None = None,
+        compute_budget: float | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> DiTModelOutput:
         r"""
         gate_threshold (`float`, *optional*):
             Overrides `config.gate_threshold` for this call: at inference a row gate computes a token when its
             probability of computing it is `>= gate_threshold`. Higher values compute fewer tokens.
+        compute_budget (`float`, *optional*):
+            Overrides `config.compute_budget` for this call (inference): every image computes this fraction of the
+            static route's cost, PVTv2's route with the tokens the row gates score highest (see `DiTConfig`).
         """
         self._check_pixel_values(pixel_values)
         threshold = self.config.gate_threshold if gate_threshold is None else gate_threshold
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"gate_threshold must lie in [0, 1], got {threshold}.")
+        budget = self.config.compute_budget if compute_budget is None else compute_budget
+        if budget is not None and self.training:
+            raise ValueError("compute_budget is an inference mode: call model.eval() first, or train with the gates.")
         sizes = _scale_sizes(self.config, *pixel_values.shape[-2:])
         stem_features, _, _ = self.stem(pixel_values)
         # The stem map is the first hidden state; route from a view of it so that it stays in the graph.
         stem_map = _to_map(stem_features, sizes[0])
-        route = self._start_route(pixel_values, sizes, threshold)
+        route = self._start_route(pixel_values, sizes, threshold, budget)
         route.features[(0, 0)] = _to_tokens(stem_map)
         for column in range(self.config.num_routing_columns + 1):
             for scale in range(self.config.num_encoder_blocks):
@@ -971,7 +1046,7 @@ class DiTModel(DiTPreTrainedModel):
     def _gates(self):
         return [gate for rows in (self.row_gates, self.column_gates) for gate_row in rows for gate in gate_row]
 
-    def _start_route(self, pixel_values: torch.Tensor, sizes, threshold: float) -> _Route:
+    def _start_route(self, pixel_values: torch.Tensor, sizes, threshold: float, budget: float | None) -> _Route:
         """An empty route over the grid, its ledger holding the stem's cost (MACs and routing outputs in float32
         whatever
         the model dtype: half precision cannot count to 1e9)."""
@@ -987,6 +1062,9 @@ class DiTModel(DiTPreTrainedModel):
             stage_keep_ratio=macs.new_zeros(batch_size, num_scales, num_columns),
             downsampled=macs.new_zeros(batch_size, max(num_scales - 1, 0), num_columns + 1),
         )
+        if budget is not None:
+            tokens = compute_budget_tokens(config, *pixel_values.shape[-2:], budget)
+            return _Route("budget", ledger, threshold, tokens_per_scale=tokens)
         # CODEPATH: "static" / "full" routes (fixed, no gates) or "dynamic" (default, learned).
         if config.routing_mode != "dynamic":
             return _Route("fixed", ledger, threshold)
@@ -1019,8 +1097,10 @@ class DiTModel(DiTPreTrainedModel):
             return None
         decisions = route.row_decisions[(scale, column - 1)]
         stage, size = self.grid[scale][column - 1], route.ledger.sizes[scale]
-        if route.mode == "fixed":
+        if isinstance(decisions, int):  # a fixed route, or a budget stage computing every token
             return stage(previous, *size) if decisions else previous
+        if route.mode == "budget":
+            return stage.forward_top_tokens(previous, *size, decisions)
         if route.mode == "sample":
             return _times(route.ledger.reach[(scale, column - 1)], stage(previous, *size, decisions))
         return _run_stage_sparse(stage, previous, decisions > 0, size)
@@ -1036,7 +1116,7 @@ class DiTModel(DiTPreTrainedModel):
         def embed(features):
             return patch_embedding(_to_map(features, size))[0]
 
-        if route.mode == "fixed":
+        if route.mode in ("fixed", "budget"):
             return embed(above) if taken else None
         if route.mode == "sample":
             return _times(taken, embed(above))
@@ -1050,6 +1130,8 @@ class DiTModel(DiTPreTrainedModel):
         """Decides the row and column gates of node (scale, column) and bills what they open (and the gates)."""
         if route.mode == "fixed":
             row, down = _fixed_decisions(self.config, self.config.routing_mode, scale, column)
+        elif route.mode == "budget":
+            row, down = self._top_token_decisions(route, scale, column)
         else:
             row, down = self._gate_decisions(route, scale, column)
             route.ledger.bill_gates(scale, column)
@@ -1062,6 +1144,22 @@ class DiTModel(DiTPreTrainedModel):
             taken = route.ledger.bill_edge(scale, column, down)
             if route.mode == "sparse":
                 route.record_edge(scale, column, taken)
+
+    def _top_token_decisions(self, route: _Route, scale: int, column: int) -> tuple:
+        """Exact-budget mode at node (scale, column) of PVTv2's route: the row decision is 1 (every token) or the
+        sorted indices `(batch, count)` of the `count` tokens the row gate scores highest (billed as that fraction);
+        the downsampling edge is PVTv2's."""
+        row, down = _fixed_decisions(self.config, "static", scale, column)
+        height, width = route.ledger.sizes[scale]
+        count = route.tokens_per_scale[scale]
+        if row and count < height * width:
+            route.ledger.bill_gates(scale, column, column_gate=False)
+            scores = self.row_gates[scale][column].open_probability(route.features[(scale, column)])
+            indices = scores.topk(count, dim=1, sorted=False).indices.sort(dim=1).values
+            route.row_decisions[(scale, column)] = indices
+            route.ledger.bill_stage(scale, column, count / (height * width))
+            row = None  # billed and recorded
+        return row, down
 
     def _gate_decisions(self, route: _Route, scale: int, column: int) -> tuple:
         """Row `(batch, tokens)` and column `(batch,)` decisions of node (scale, column), `None` where it has no such
@@ -1160,6 +1258,7 @@ class DiTForImageClassification(DiTPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         gate_threshold: float | None = None,
+        compute_budget: float | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DiTImageClassifierOutput:
         r"""
@@ -1169,6 +1268,9 @@ class DiTForImageClassification(DiTPreTrainedModel):
         gate_threshold (`float`, *optional*):
             Overrides `config.gate_threshold` for this call: at inference a row gate computes a token when its
             probability of computing it is `>= gate_threshold`. Higher values compute fewer tokens.
+        compute_budget (`float`, *optional*):
+            Overrides `config.compute_budget` for this call (inference): every image computes this fraction of the
+            static route's cost (classifier excluded), PVTv2's route with the tokens the row gates score highest.
 
         Examples:
 
@@ -1183,7 +1285,9 @@ class DiTForImageClassification(DiTPreTrainedModel):
         >>> outputs.logits.shape, outputs.macs  # macs: what this image cost, about 4.0e9 for b2 at 224x224
         ```
         """
-        outputs: DiTModelOutput = self.dit(pixel_values, gate_threshold=gate_threshold, return_dict=True, **kwargs)
+        outputs: DiTModelOutput = self.dit(
+            pixel_values, gate_threshold=gate_threshold, compute_budget=compute_budget, return_dict=True, **kwargs
+        )
         logits = self.classifier(outputs.pooler_output)
         macs = outputs.macs + self._head_macs()
 
@@ -1231,11 +1335,17 @@ class DiTBackbone(BackboneMixin, DiTModel):
     @filter_output_hidden_states
     @auto_docstring
     def forward(
-        self, pixel_values: torch.Tensor, gate_threshold: float | None = None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        pixel_values: torch.Tensor,
+        gate_threshold: float | None = None,
+        compute_budget: float | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> DiTBackboneOutput:
         r"""
         gate_threshold (`float`, *optional*):
             Overrides `config.gate_threshold` for this call (row gates at inference; higher computes fewer tokens).
+        compute_budget (`float`, *optional*):
+            Overrides `config.compute_budget` for this call (inference: the exact-budget mode, see `DiTConfig`).
 
         Examples:
 
@@ -1251,7 +1361,7 @@ class DiTBackbone(BackboneMixin, DiTModel):
         ```"""
         kwargs["output_hidden_states"] = True
         outputs: DiTModelOutput = DiTModel.forward(
-            self, pixel_values, gate_threshold=gate_threshold, return_dict=True, **kwargs
+            self, pixel_values, gate_threshold, compute_budget, return_dict=True, **kwargs
         )
         feature_maps = tuple(
             outputs.hidden_states[idx] for idx, stage in enumerate(self.stage_names) if stage in self.out_features
@@ -1277,6 +1387,7 @@ __all__ = [
     "DiTForImageClassification",
     "DiTModel",
     "DiTPreTrainedModel",
+    "compute_budget_tokens",
     "dit_route_macs",
     "mean_token_keep_ratio",
 ]
