@@ -4,6 +4,7 @@ import unittest
 
 import torch
 from transformers.models.auto import modeling_auto
+from transformers_tests.exporters.test_export import ExportTesterMixin
 from transformers_tests.test_configuration_common import ConfigTester
 from transformers_tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 
@@ -32,6 +33,7 @@ class MSViTModelTester:
         intermediate_size=37,
         type_sequence_label_size=10,
         gate_threshold=0.0,
+        fine_region_budget=None,
     ):
         self.parent = parent
         self.batch_size = batch_size
@@ -49,6 +51,7 @@ class MSViTModelTester:
         # Threshold 0 tokenizes every region fine in eval, so the sequence length is fixed, as the shape checks of the
         # common tests expect. Mixed token counts are covered by test_msvit_dynamic.py.
         self.gate_threshold = gate_threshold
+        self.fine_region_budget = fine_region_budget
         self.seq_length = (image_size // patch_size) ** 2 + 1
 
     def get_config(self):
@@ -63,6 +66,7 @@ class MSViTModelTester:
             intermediate_size=self.intermediate_size,
             gate_hidden_size=16,
             gate_threshold=self.gate_threshold,
+            fine_region_budget=self.fine_region_budget,
             num_labels=self.type_sequence_label_size,
             attn_implementation="eager",
         )
@@ -81,7 +85,7 @@ class MSViTModelTest(ModelTesterMixin, unittest.TestCase):
     all_model_classes = (MSViTModel, MSViTForImageClassification)
     pipeline_model_mapping = {}
     test_resize_embeddings = False
-    test_torch_exportable = False  # data-dependent token counts cannot be exported with static shapes
+    test_torch_exportable = False  # threshold mode: data-dependent token counts (the budget mode exports, below)
     has_attentions = True
 
     def setUp(self):
@@ -139,6 +143,16 @@ class MSViTModelTest(ModelTesterMixin, unittest.TestCase):
         self.assertTrue(torch.equal(outputs.num_tokens, torch.full((batch,), self.model_tester.seq_length)))
         self.assertEqual(outputs.macs.shape, (batch,))
         self.assertTrue(torch.isfinite(outputs.loss))
+
+
+class MSViTBudgetExportTest(ExportTesterMixin, unittest.TestCase):
+    """transformers' export test in the fine-region budget mode (every image the same token count)."""
+
+    all_model_classes = (MSViTModel, MSViTForImageClassification)
+    test_torch_exportable = True
+
+    def setUp(self):
+        self.model_tester = MSViTModelTester(self, fine_region_budget=0.5)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import unittest
 
 import torch
 from transformers.models.auto import modeling_auto
+from transformers_tests.exporters.test_export import ExportTesterMixin
 from transformers_tests.test_backbone_common import BackboneTesterMixin
 from transformers_tests.test_modeling_common import ModelTesterMixin, floats_tensor
 
@@ -16,7 +17,7 @@ modeling_auto.MODEL_FOR_BACKBONE_MAPPING_NAMES.setdefault("msvit", "MSViTBackbon
 
 
 class MSViTSegmentationTester:
-    def __init__(self, parent, batch_size=3, image_size=32, num_labels=4, gate_threshold=0.0):
+    def __init__(self, parent, batch_size=3, image_size=32, num_labels=4, gate_threshold=0.0, fine_region_budget=None):
         self.parent = parent
         self.batch_size = batch_size
         self.image_size = image_size
@@ -29,6 +30,7 @@ class MSViTSegmentationTester:
         # Threshold 0 tokenizes every region fine in eval: fixed sequence length, as the common shape checks expect.
         # Mixed tokenizations are covered by test_msvit_segmentation.py.
         self.gate_threshold = gate_threshold
+        self.fine_region_budget = fine_region_budget
         self.seq_length = (image_size // 4) ** 2 + 1
         self.out_features = ["stem", "stage1", "stage2"]
 
@@ -37,7 +39,8 @@ class MSViTSegmentationTester:
             "image_size": self.image_size, "patch_size": 4, "coarse_patch_size": 8, "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
             "intermediate_size": 37, "gate_hidden_size": 16, "gate_threshold": self.gate_threshold,
-            "num_labels": self.num_labels, "out_features": self.out_features, "attn_implementation": "eager",
+            "fine_region_budget": self.fine_region_budget, "num_labels": self.num_labels,
+            "out_features": self.out_features, "attn_implementation": "eager",
         }  # fmt: skip
         values.update(overrides)
         return MSViTConfig(**values)
@@ -65,7 +68,7 @@ class MSViTForSemanticSegmentationCommonTest(ModelTesterMixin, unittest.TestCase
     all_model_classes = (MSViTForSemanticSegmentation,)
     pipeline_model_mapping = {}
     test_resize_embeddings = False
-    test_torch_exportable = False  # data-dependent token counts
+    test_torch_exportable = False  # threshold mode: data-dependent token counts (the budget mode exports, below)
     has_attentions = True
 
     def setUp(self):
@@ -96,6 +99,16 @@ class MSViTForSemanticSegmentationCommonTest(ModelTesterMixin, unittest.TestCase
             for from_dict, from_tuple in zip(values, as_tuple):
                 pairs = zip(from_dict, from_tuple) if isinstance(from_dict, tuple) else [(from_dict, from_tuple)]
                 self.assertTrue(all(torch.equal(a, b) for a, b in pairs))
+
+
+class MSViTSegmentationBudgetExportTest(ExportTesterMixin, unittest.TestCase):
+    """transformers' export test in the fine-region budget mode (every image the same token count)."""
+
+    all_model_classes = (MSViTForSemanticSegmentation,)
+    test_torch_exportable = True
+
+    def setUp(self):
+        self.model_tester = MSViTSegmentationTester(self, fine_region_budget=5)
 
 
 class MSViTBackboneCommonTest(BackboneTesterMixin, unittest.TestCase):
