@@ -1,8 +1,13 @@
 """`hf-msvit`: command-line tools over the models.
 
     hf-msvit visualize MODEL IMAGE [--output gates.png] [--gate-threshold 0.6]
+    hf-msvit export MODEL model.onnx --fine-region-budget 0.5     # MSViT
+    hf-msvit export MODEL model.onnx --static                     # DiT on PVTv2's route
+    hf-msvit export MODEL model.onnx --compute-budget 0.7         # DiT, exact budget
 
-MODEL is a checkpoint directory or Hub id (MSViT or DiT) that carries its image processor.
+MODEL is a checkpoint directory or Hub id (MSViT or DiT) that carries its image processor. `export` writes an ONNX
+graph with a dynamic batch and the mode, budget and image size baked in (docs/deploy.md), after checking it in
+onnxruntime against PyTorch.
 """
 
 import argparse
@@ -34,6 +39,45 @@ def _visualize(args) -> int:
     return 0
 
 
+def _budget(text: str) -> int | float:
+    """`--fine-region-budget`: an integer is a number of regions, anything else a fraction."""
+    return int(text) if text.isdigit() else float(text)
+
+
+def _export(args) -> int:
+    from .export import ExportCheckError, export_onnx
+
+    try:
+        result = export_onnx(
+            args.model, args.output, fine_region_budget=args.fine_region_budget, compute_budget=args.compute_budget,
+            static=args.static, batch_size=args.batch_size, image_size=args.image_size,
+            dynamic_batch=not args.fixed_batch, opset_version=args.opset, check=not args.no_check,
+        )  # fmt: skip
+    except (ValueError, ImportError, OSError, ExportCheckError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    batch = f"batch {args.batch_size}" if args.fixed_batch else "dynamic batch"
+    print(f"wrote {result.path} ({result.mode.describe()}, {batch})")
+    if result.max_abs_diff is not None:
+        print(f"onnxruntime matches PyTorch: max |difference| of {result.mode.output_name} {result.max_abs_diff:.2g}")
+    return 0
+
+
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser("export", help="export a model to ONNX with fixed shapes (docs/deploy.md)")
+    export.add_argument("model", help="checkpoint directory or Hub id")
+    export.add_argument("output", help="ONNX file to write, e.g. model.onnx")
+    mode = export.add_mutually_exclusive_group()
+    mode.add_argument("--fine-region-budget", type=_budget, help="MSViT: fraction (0.5) or count (24) of fine regions")
+    mode.add_argument("--compute-budget", type=float, help="DiT: fraction of the static route's cost per image")
+    mode.add_argument("--static", action="store_true", help="DiT: PVTv2's static route")
+    export.add_argument("--batch-size", type=int, default=2, help="images of the example input (default 2)")
+    export.add_argument("--fixed-batch", action="store_true", help="bake --batch-size in instead of a dynamic batch")
+    export.add_argument("--image-size", type=int, default=None, help="DiT: image size of the graph (default: config)")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-msvit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,9 +88,12 @@ def main(argv=None) -> int:
     vis.add_argument("image", help="path of the image")
     vis.add_argument("--output", default="gates.png", help="PNG to write (default: gates.png)")
     vis.add_argument("--gate-threshold", type=float, default=None, help="MSViT: threshold for this picture")
+    _add_export_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "visualize":
         return _visualize(args)
+    if args.command == "export":
+        return _export(args)
     return 2  # pragma: no cover
 
 

@@ -272,10 +272,10 @@ def check_onnx(path, model: nn.Module, mode: ExportMode, batch_sizes=(1, 3), ato
 
 def preprocessing_metadata(image_processor) -> dict[str, str]:
     """What an image processor does before the graph, as ONNX metadata (resize, rescale, normalize)."""
-    keys = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
-    values = {key: getattr(image_processor, key, None) for key in keys}
-    values["resample"] = None if values["resample"] is None else int(values["resample"])
-    return {"hf_msvit.preprocessing": json.dumps(values, default=list)}
+    keys = ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize")
+    settings = image_processor.to_dict()  # what `save_pretrained` writes: JSON types
+    values = {key: settings.get(key) for key in (*keys, "image_mean", "image_std")}
+    return {"hf_msvit.preprocessing": json.dumps(values)}
 
 
 def _save_atomically(onnx_program, path: Path, verify) -> float | None:
