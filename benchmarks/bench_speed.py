@@ -19,6 +19,10 @@ of the process's peak RSS during two calls after a warm-up (CPU, reset through /
 return freed blocks to the system, see `MEMORY_ENV`), or the allocator's peak (GPU). Models run in eval mode under
 `torch.inference_mode()`.
 
+onnxruntime (`--families onnx`, part of the default run, `onnx_bench.py`): the graphs `hf-msvit export` writes (MSViT
+at fine-region budgets 0.25/0.5/0.75, DiT on PVTv2's route and at compute budgets 0.7/0.5) against the HF baselines
+exported the same way, at the same batch sizes, with the same speedup / ideal / efficiency columns (no memory column).
+
 Reported per row: images/s, latency per batch, peak memory (and its ratio to the baseline's), and against both the HF
 baseline and our own static route: measured speedup, ideal speedup (MAC ratio, from the models' `macs`) and
 efficiency = measured / ideal.
@@ -186,6 +190,14 @@ def time_group(spec) -> dict:
     device, pixel_values, models = group_setup(spec)
     calls = {name: make_call(models, name, pixel_values, spec["compile"]) for name in models}
     results = {name: describe(call()()) for name, call in calls.items()}
+    for name, timing in interleaved_timing(calls, spec, device).items():
+        results[name].update(timing)
+    return results
+
+
+def interleaved_timing(calls, spec, device=torch.device("cpu")) -> dict:
+    """`{name: {latency_s, min_latency_s, repeats}}`: `calls[name]()` sets row `name` up and returns its run; the
+    runs are timed round after round, each round in a rotated order, and summarized by their median."""
     for _ in range(spec["warmup"]):
         for call in calls.values():
             call()()
@@ -205,9 +217,10 @@ def time_group(spec) -> dict:
             times[name].append(time.perf_counter() - start)
         if len(times[names[0]]) >= spec["max_rounds"]:
             break
-    for name, values in times.items():
-        results[name].update(latency_s=statistics.median(values), min_latency_s=min(values), repeats=len(values))
-    return results
+    return {
+        name: {"latency_s": statistics.median(values), "min_latency_s": min(values), "repeats": len(values)}
+        for name, values in times.items()
+    }
 
 
 def memory_of(spec) -> float:
@@ -261,9 +274,34 @@ def group_rows(spec, with_memory=True) -> list[dict]:
     return rows
 
 
+def onnx_group_rows(spec) -> list[dict]:
+    """The onnxruntime rows of a (family, variant) group at each batch size (`onnx_bench.py`), with their ratios."""
+    print(json.dumps({k: spec[k] for k in ("runtime", "family", "variant", "batch_sizes", "ratios")}), flush=True)
+    timed = run_worker("onnx", spec)
+    rows = []
+    for batch_size, results in timed.items():
+        group = []
+        for name, result in results.items():
+            model, _, ratio = (name.split(":") + ["-", "-"])[:3]
+            row = {**spec, "batch_size": int(batch_size), "model": model, "token_batching": None, **result}
+            row["ratio"] = None if ratio == "-" else float(ratio)
+            row.pop("batch_sizes")
+            if "latency_s" in row:
+                row["images_per_s"] = row["batch_size"] / row["latency_s"]
+                print(f"    {name}, batch {batch_size}: {row['images_per_s']:.2f} img/s", flush=True)
+            group.append(row)
+        add_ratios(group)
+        rows += group
+    return rows
+
+
 def add_ratios(rows):
-    """Speedup, ideal speedup and efficiency against the HF baseline and against our static route; memory ratio."""
+    """Speedup, ideal speedup and efficiency against the HF baseline and against our static route; memory ratio.
+    Rows without a latency (a graph that failed to export) get none."""
+    rows = [row for row in rows if "latency_s" in row]
     by_model = {row["model"]: row for row in rows if row["model"] in ("static", "ours_static")}
+    if len(by_model) < 2:
+        return
     # The HF baseline reports no MACs: its cost is our static route's (tested equal to the published counts).
     static_macs = by_model["ours_static"]["macs_per_image"]
     for row in rows:
@@ -309,7 +347,12 @@ def parse_args():
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--families", nargs="+", default=["msvit", "dit"], choices=["msvit", "dit"])
+    parser.add_argument(
+        "--families", nargs="+", default=["msvit", "dit", "onnx"], choices=["msvit", "dit", "onnx"],
+        help="onnx: the exported graphs of both families in onnxruntime (onnx_bench.py)",
+    )  # fmt: skip
+    parser.add_argument("--onnx-msvit-budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--onnx-dit-budgets", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--msvit-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--dit-variants", nargs="+", default=["b1", "b2"])
     parser.add_argument("--dit-ratios", type=float, nargs="+", default=[0.5, 0.7, 1.0])
@@ -339,6 +382,8 @@ def sections(args, base) -> list[dict]:
                 rows += group_rows(spec, not args.no_memory)
         title = "Dynamic models against their static baselines" + (" (torch.compile)" if use_compile else "")
         result.append({"title": title, "rows": rows})
+    if "onnx" in args.families:
+        result.append(onnx_section(args, base))
     if "msvit" in args.families and args.msvit_batching and 32 in args.batch_sizes:
         modes = ["bucket", *args.msvit_batching]
         spec = dict(
@@ -349,17 +394,46 @@ def sections(args, base) -> list[dict]:
     return result
 
 
+def onnx_section(args, base) -> dict:
+    """Exported MSViT-S/16 and DiT-b1/b2 in onnxruntime against the exported HF ViT-S/16 and PVTv2 (CPU, fp32)."""
+    common = dict(base, runtime="onnxruntime", batch_sizes=args.batch_sizes, compile=False)
+    rows = onnx_group_rows(dict(common, family="msvit", variant="s16", ratios=args.onnx_msvit_budgets))
+    for variant in args.dit_variants:
+        rows += onnx_group_rows(dict(common, family="dit", variant=variant, ratios=args.onnx_dit_budgets))
+    title = "onnxruntime: exported graphs against the exported HF baselines"
+    note = (
+        "Graphs written by `hf_msvit.export` (dynamic batch; budget and image size baked in) and the HF models "
+        "exported the same way (`torch.onnx.export(..., dynamo=True)`), run in onnxruntime's CPU provider. "
+        "MSViT's own static route is the budget 1.0 (every region fine); DiT's is PVTv2's route. *max diff* is "
+        "onnxruntime's largest difference from PyTorch's logits."
+    )
+    return {"title": title, "note": note, "rows": rows}
+
+
+def run_worker_kind(kind: str, spec: dict):
+    if kind == "time":
+        return time_group(spec)
+    if kind == "onnx":
+        from onnx_bench import time_onnx_group
+
+        return time_onnx_group(spec)
+    return memory_of(spec)
+
+
 def main():
     args = parse_args()
     if args.worker:
         kind, spec = args.worker
-        result = time_group(json.loads(spec)) if kind == "time" else memory_of(json.loads(spec))
+        result = run_worker_kind(kind, json.loads(spec))
         Path(args.worker_output).write_text(json.dumps(result))
         return
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch here.")
+    if device.type == "cuda" and "onnx" in args.families:
+        print("the onnx rows measure onnxruntime's CPU provider: left out of a --device cuda run", flush=True)
+        args.families = [family for family in args.families if family != "onnx"]
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     timing = {"warmup": 1, "min_rounds": 3, "max_rounds": 3, "min_seconds": 0.0}
     if not args.quick:

@@ -9,6 +9,10 @@ Targets checked (from the project's performance issue), against the HF baseline 
 - DiT with 30% of tokens skipped (keep ratio 0.7): efficiency >= 0.85 at batch 1 and 32;
 - DiT on its static route: within 3% of HF PVTv2 (measured speedup >= 0.97);
 - DiT at batch 32: peak memory at most 1.2x PVTv2's.
+
+onnxruntime rows (the exported graphs, issue 20), against the exported HF baseline of the same weights:
+- MSViT with a fine-region budget of 0.5: efficiency >= 0.9 at batch 32 and >= 0.85 at batch 1;
+- DiT in its compute-budget mode: efficiency against its own exported static route >= 0.85.
 """
 
 import json
@@ -27,6 +31,12 @@ TARGETS = {
     ("dit", "ours_static", None, None): [("measured_speedup", 0.97)],
     ("dit", "ours_static", None, 32): [("measured_speedup", 0.97), ("memory_ratio", 1.2)],
 }
+ONNX_TARGETS = {
+    ("msvit", "budget", 0.5, 32): [("efficiency", 0.9)],
+    ("msvit", "budget", 0.5, 1): [("efficiency", 0.85)],
+    ("dit", "budget", 0.7, None): [("efficiency_vs_own_static", 0.85)],
+    ("dit", "budget", 0.5, None): [("efficiency_vs_own_static", 0.85)],
+}
 COLUMNS = (
     "| model | baseline | batch | ratio | batching | compiled | tokens/keep | GMACs/img | img/s | latency ms | peak "
     "MB "
@@ -42,8 +52,11 @@ def target_note(row) -> str:
     batching = _batching(row)
     if row.get("compile") or batching not in (None, "bucket"):
         return ""
+    if row.get("error"):
+        return f"export failed: {row['error']}"
     key = (row["family"], row["model"], row.get("ratio"))
-    bounds = TARGETS.get((*key, row["batch_size"])) or TARGETS.get((*key, None)) or []
+    targets = ONNX_TARGETS if row.get("runtime") == "onnxruntime" else TARGETS
+    bounds = targets.get((*key, row["batch_size"])) or targets.get((*key, None)) or []
     notes = []
     for field, bound in bounds:
         value = row.get(field)
@@ -62,7 +75,7 @@ def _number(row, field, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def render_row(row) -> str:
+def render_row(row, with_difference=False) -> str:
     family = row["family"]
     name = "MSViT-S/16" if family == "msvit" else f"DiT-{row['variant']}"
     baseline = "ViT-S/16" if family == "msvit" else f"PVTv2-{row['variant']}"
@@ -74,7 +87,8 @@ def render_row(row) -> str:
     else:
         ratio = f"{row['ratio']:.2f}"
         if row["model"] == "budget":
-            name, batching = name + " (fine-region budget)", "-"
+            budget = "fine-region budget" if family == "msvit" else "compute budget"
+            name, batching = f"{name} ({budget})", "-"
     if "fine_ratio" in row:
         tokens = f"fine {row['fine_ratio']:.2f}, {row['num_tokens_min_max'][0]}-{row['num_tokens_min_max'][1]} tok"
     elif "token_keep_ratio" in row or "stage_keep_ratio" in row:  # older files: "stage_keep_ratio"
@@ -85,15 +99,25 @@ def render_row(row) -> str:
     memory = _number(row, "peak_memory_mb", 0) + (f" ({row['memory_ratio']:.2f}x)" if "memory_ratio" in row else "")
     cells = [
         name, baseline, str(row["batch_size"]), ratio, batching, "yes" if row.get("compile") else "no", tokens,
-        f"{macs / 1e9:.2f}" if macs else "-", f"{row['images_per_s']:.1f}", f"{row['latency_s'] * 1e3:.1f}", memory,
+        f"{macs / 1e9:.2f}" if macs else "-", _number(row, "images_per_s", 1), _scaled(row, "latency_s", 1e3), memory,
         _number(row, "measured_speedup"), _number(row, "ideal_speedup"), _number(row, "efficiency"),
         _number(row, "efficiency_vs_own_static"), target_note(row),
     ]  # fmt: skip
+    if with_difference:
+        difference = row.get("onnx_max_abs_diff")
+        cells.append("-" if difference is None else f"{difference:.1e}")
     return "| " + " | ".join(cells) + " |"
+
+
+def _scaled(row, field, factor, digits=1):
+    value = row.get(field)
+    return "-" if value is None else f"{value * factor:.{digits}f}"
 
 
 def render_section(machine, section, quick) -> list[str]:
     rows = section["rows"]
+    with_difference = any("onnx_max_abs_diff" in row for row in rows)
+    columns = COLUMNS + (" max diff |" if with_difference else "")
     where = machine.get("gpu") or machine.get("cpu") or machine["processor"]
     lines = [f"### {section.get('title', 'Results')}: {where} ({machine['device']})", ""]
     if section.get("note"):
@@ -103,9 +127,9 @@ def render_section(machine, section, quick) -> list[str]:
         f"{machine['cpu_count']} CPU cores, {rows[0]['dtype']}, {rows[0]['threads']} threads"
         + (" — quick smoke run, not for quoting" if quick else ""),
         "",
-        COLUMNS,
-        "|" + "---|" * (COLUMNS.count("|") - 1),
-        *[render_row(row) for row in rows],
+        columns,
+        "|" + "---|" * (columns.count("|") - 1),
+        *[render_row(row, with_difference) for row in rows],
         "",
     ]
     return lines

@@ -191,3 +191,20 @@ def test_dit_compute_budget_exports_with_a_dynamic_batch():
 )
 def test_dit_compute_budget_onnx_at_a_fixed_batch_matches_pytorch(tmp_path):
     export_onnx(random_gates_dit(), tmp_path / "dit.onnx", compute_budget=0.7, dynamic_batch=False)
+
+
+def test_the_documented_numpy_preprocessing_equals_the_image_processor():
+    """docs/deploy.md preprocesses from the file's metadata without transformers: the same pixels as the processor."""
+    import numpy as np
+    from PIL import Image
+
+    from hf_msvit.export import preprocessing_metadata
+
+    processor = tiny_processor("msvit", 32)
+    steps = json.loads(preprocessing_metadata(processor)["hf_msvit.preprocessing"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    resized = image.convert("RGB").resize((steps["size"]["width"], steps["size"]["height"]), Image.BILINEAR)
+    pixels = np.asarray(resized, dtype=np.float32) * steps["rescale_factor"]
+    pixels = (pixels - np.array(steps["image_mean"], np.float32)) / np.array(steps["image_std"], np.float32)
+    expected = processor(image, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(pixels.transpose(2, 0, 1)[None], expected, atol=1e-6)

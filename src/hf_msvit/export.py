@@ -178,8 +178,10 @@ class _GraphModule(nn.Module):
 
 
 @contextmanager
-def _in_mode(model: nn.Module, mode: ExportMode):
-    """Eval mode and the mode's config overrides (e.g. DiT's static route) while exporting; restored afterwards."""
+def in_export_mode(model: nn.Module, mode: ExportMode):
+    """Eval mode and the mode's config overrides (e.g. DiT's static route) within the block, which gets the
+    `pixel_values -> output` module that is exported; the model's own mode is restored afterwards. Also the way to
+    run the eager model as the graph runs it (`graph.model(pixel_values, **mode.forward_kwargs)` for every output)."""
     saved = {name: getattr(model.config, name) for name in mode.config_overrides}
     was_training = model.training
     for name, value in mode.config_overrides.items():
@@ -206,7 +208,7 @@ def _trace(model: nn.Module, mode: ExportMode, batch_size: int, dynamic_batch: b
         batch_size = 2  # torch.export specializes sizes 0 and 1: trace with 2 images, the graph takes any number
     sample = example_pixel_values(model, mode, batch_size)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH_SIZE)
-    with _in_mode(model, mode) as graph, torch.enable_grad():
+    with in_export_mode(model, mode) as graph, torch.enable_grad():
         # Autograd on: DiT's CPU inference path (taken without autograd) plans its MLP per image in Python, which
         # would pin the batch size; with autograd, PVTv2's route runs the dense stages, the same values.
         program = torch.export.export(graph, (sample,), dynamic_shapes=({0: batch},) if dynamic_batch else None)
@@ -258,7 +260,7 @@ def check_onnx(path, model: nn.Module, mode: ExportMode, batch_sizes=(1, 3), ato
     worst = 0.0
     for seed, batch_size in enumerate(batch_sizes, start=1):
         pixel_values = example_pixel_values(model, mode, batch_size, seed=seed)
-        with _in_mode(model, mode) as graph, torch.no_grad():
+        with in_export_mode(model, mode) as graph, torch.no_grad():
             expected = graph(pixel_values).float().cpu().numpy()
         (actual,) = session.run(None, {"pixel_values": pixel_values.float().cpu().numpy()})
         worst = max(worst, float(abs(actual - expected).max()))
@@ -352,7 +354,9 @@ __all__ = [
     "check_onnx",
     "export_onnx",
     "export_program",
+    "in_export_mode",
     "load_model",
     "onnxruntime_session",
+    "preprocessing_metadata",
     "resolve_export_mode",
 ]
