@@ -145,6 +145,11 @@ def test_modes_with_data_dependent_shapes_fail_early_naming_the_mode_that_export
     assert all(word in str(raised.value) for word in words), str(raised.value)
 
 
+def test_a_batch_size_out_of_range_is_refused_before_tracing():
+    with pytest.raises(ValueError, match="batch_size"):
+        export_program(tiny_msvit(), fine_region_budget=0.5, batch_size=0)
+
+
 def test_cli_reports_a_mode_that_does_not_export(msvit_checkpoint, tmp_path, capsys):
     assert main(["export", str(msvit_checkpoint), str(tmp_path / "m.onnx")]) == 2
     assert "fine_region_budget" in capsys.readouterr().err

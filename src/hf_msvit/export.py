@@ -204,6 +204,8 @@ def example_pixel_values(model: nn.Module, mode: ExportMode, batch_size: int, se
 
 
 def _trace(model: nn.Module, mode: ExportMode, batch_size: int, dynamic_batch: bool):
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must lie in [1, {MAX_BATCH_SIZE}], got {batch_size}.")
     if dynamic_batch and batch_size < 2:
         batch_size = 2  # torch.export specializes sizes 0 and 1: trace with 2 images, the graph takes any number
     sample = example_pixel_values(model, mode, batch_size)
