@@ -296,3 +296,43 @@ def test_noise_free_training_takes_the_inference_route():
         torch.testing.assert_close(macs, inference.macs)
     out.loss.backward()
     assert sum(gate.weight.grad.abs().sum() for gate in model.dit._gates()) > 0
+
+
+def _stage_calls(model):
+    """Counts the training forwards of every grid stage (a list the hooks append to)."""
+    calls = []
+    for row in model.dit.grid:
+        for stage in row:
+            stage.register_forward_hook(lambda module, args, output: calls.append(module))
+    return calls
+
+
+@pytest.mark.parametrize("gate_init", ["static_route", "all_open"])
+def test_sparse_training_computes_only_what_the_batch_reaches_with_the_same_forward(gate_init):
+    """`sparse_training=True` skips the stages no token runs and the nodes no image reaches: the same loss and
+    outputs as the dense grid with fewer stage forwards. Upcycled (zero gate weights, so no gradient flows from a gate
+    back into the features) the stages that ran get the dense grid's gradients exactly; with trained gates the skipped
+    stages' straight-through terms are what sparse training gives up."""
+    results = {}
+    for sparse in (False, True):
+        prob = 0.9 if gate_init == "static_route" else 0.5  # 0.5: random gates run part of the off-route stages
+        model = build(
+            gate_noise_scale=0.0, gate_init=gate_init, gate_init_compute_prob=prob, sparse_training=sparse
+        ).train()
+        calls = _stage_calls(model)
+        out = model(pixels(3), labels=torch.tensor([0, 1, 2]))
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[sparse] = (out, len(calls), grads)
+    (dense, dense_calls, dense_grads), (sparse, sparse_calls, sparse_grads) = results[False], results[True]
+    torch.testing.assert_close(sparse.loss, dense.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sparse.macs, dense.macs)
+    assert sparse_calls < dense_calls == 16
+    if gate_init == "static_route":
+        assert sparse_calls == 4, "an upcycled model starts on PVTv2's route: its four stages"
+    stage_grads = [name for name in sparse_grads if ".grid." in name]
+    assert stage_grads, "the stages that ran are trained"
+    for name in stage_grads if gate_init == "static_route" else []:
+        torch.testing.assert_close(sparse_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4)
+    gate_grads = [name for name in sparse_grads if "_gates." in name and sparse_grads[name].abs().sum() > 0]
+    assert gate_grads, "the gates still learn (budget loss, and the task through the stages that ran)"
