@@ -23,13 +23,9 @@ def _visualize(args) -> int:
         return 2
     model = AutoModelForImageClassification.from_pretrained(args.model).eval()
     processor = AutoImageProcessor.from_pretrained(args.model)
-    kwargs = {}
-    if args.gate_threshold is not None:
-        if model.config.model_type != "msvit":
-            print("error: --gate-threshold applies to MSViT models only", file=sys.stderr)
-            return 2
-        kwargs["gate_threshold"] = args.gate_threshold
-    visualize(model, args.image, output_path=args.output, image_processor=processor, **kwargs)
+    visualize(
+        model, args.image, output_path=args.output, image_processor=processor, gate_threshold=args.gate_threshold
+    )
     print(f"wrote {args.output}")
     return 0
 
@@ -43,7 +39,7 @@ def main(argv=None) -> int:
     vis.add_argument("model", help="checkpoint directory or Hub id")
     vis.add_argument("image", help="path of the image")
     vis.add_argument("--output", default="gates.png", help="PNG to write (default: gates.png)")
-    vis.add_argument("--gate-threshold", type=float, default=None, help="MSViT: threshold for this picture")
+    vis.add_argument("--gate-threshold", type=float, default=None, help="gate threshold for this picture")
     args = parser.parse_args(argv)
     if args.command == "visualize":
         return _visualize(args)
