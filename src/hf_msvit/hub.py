@@ -302,16 +302,16 @@ def save_demo_space(folder: str, model_id: str, repo_id: str | None = None, titl
 
 
 def _check_space_ids(repo_id: str, model_id: str) -> None:
+    if model_id and os.path.exists(model_id):
+        raise ValueError(
+            f"model_id {model_id!r} is a local folder; a Space loads its model from the Hub. Upload it first "
+            "(hf_msvit.hub.push_to_hub or --push_to_hub) and pass its Hub id."
+        )
     for role, name in (("repo_id (the Space)", repo_id), ("model_id", model_id)):
         try:
             validate_repo_id(name)
         except (HFValidationError, TypeError) as error:
             raise ValueError(f"{role} must be a Hub id such as 'user/name', got {name!r}: {error}") from error
-    if os.path.exists(model_id):
-        raise ValueError(
-            f"model_id {model_id!r} is a local folder; a Space loads its model from the Hub. Upload it first "
-            "(hf_msvit.hub.push_to_hub or --push_to_hub) and pass its Hub id."
-        )
 
 
 def push_demo_space(
@@ -345,7 +345,7 @@ def push_demo_space(
     return getattr(commit, "commit_url", None) or str(commit)
 
 
-def _step(step: str, repo_id: str, call, *args, **kwargs):
+def _step(step: str, repo_id: str, call, /, *args, **kwargs):
     """`call(*args, **kwargs)`, any failure raised as `HubPushError` naming `step`."""
     try:
         return call(*args, **kwargs)
