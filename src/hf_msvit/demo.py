@@ -45,7 +45,7 @@ MODEL_ENV = "HF_MSVIT_MODEL"  # the checkpoint a Space (or `python demo/app.py` 
 MODEL_TYPES = ("msvit", "dit_routing")
 THRESHOLD, BUDGET = "gate threshold", "exact budget"
 TOP_K = 5
-THRESHOLD_LABEL = "gate_threshold (higher: fewer fine regions / tokens computed, less compute)"
+THRESHOLD_LABEL = "gate_threshold (knob 'gate threshold'; higher: fewer fine regions / tokens computed, less compute)"
 
 
 @dataclass
@@ -241,11 +241,7 @@ def build_app(demo: DemoModel, examples: list | None = None, gate_threshold: flo
     knobs = [THRESHOLD] + ([BUDGET] if budget_name else [])
 
     def run(image, knob, threshold, budget):
-        if image is None:
-            return None, None, None, None, "Upload an image or pick an example."
-        result = analyze(demo, image, knob, threshold, budget)
-        summary = summary_markdown(result, demo.model_type)
-        return result.gate_picture, result.static_picture, result.labels, result.static_labels, summary
+        return app_outputs(demo, image, knob, threshold, budget)
 
     with gr.Blocks(title=f"hf_msvit demo: {demo.name}") as app:
         gr.Markdown(_header(demo))
@@ -278,10 +274,19 @@ def build_app(demo: DemoModel, examples: list | None = None, gate_threshold: flo
     return app
 
 
+def app_outputs(demo: DemoModel, image, knob: str, gate_threshold: float, budget: float) -> tuple:
+    """The app's outputs for one setting: (gate picture, static picture, labels, static labels, summary)."""
+    if image is None:
+        return None, None, None, None, "Upload an image or pick an example."
+    result = analyze(demo, image, knob, gate_threshold, budget)
+    summary = summary_markdown(result, demo.model_type)
+    return result.gate_picture, result.static_picture, result.labels, result.static_labels, summary
+
+
 def _budget_label(budget_name: str | None) -> str:
     if budget_name == "fine_region_budget":
-        return "exact budget: fraction of regions tokenized fine (fine_region_budget)"
-    return "exact budget: fraction of the static compute (compute_budget)"
+        return "exact budget: fraction of regions tokenized fine (fine_region_budget; knob 'exact budget')"
+    return "exact budget: fraction of the static compute (compute_budget; knob 'exact budget')"
 
 
 def _header(demo: DemoModel) -> str:

@@ -76,15 +76,17 @@ def test_push_demo_space_uploads_app_requirements_card_and_package_in_one_commit
     assert (package / "demo.py").is_file() and (package / "models" / "msvit" / "modeling_msvit.py").is_file()
     assert not list(package.rglob("__pycache__"))
 
-    # The Space runs its own copy of the package: the entry point starts from the uploaded folder alone.
-    probe = "import hf_msvit; print(hf_msvit.__file__)"
+    # The Space runs its own copy of the package: its entry point starts from the uploaded folder alone.
+    probe = (
+        "import runpy, sys, hf_msvit; print(hf_msvit.__file__); sys.argv = ['app.py', '--help']; "
+        "runpy.run_path('app.py', run_name='__main__')"
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=space, capture_output=True, text=True, stdin=subprocess.DEVNULL,
         env=dict(os.environ, PYTHONPATH=""),
     )  # fmt: skip
-    assert result.returncode == 0 and result.stdout.strip().startswith(str(package)), result.stderr
-    help_text = subprocess.run([sys.executable, "app.py", "--help"], cwd=space, capture_output=True, text=True)
-    assert help_text.returncode == 0 and "HF_MSVIT_MODEL" in help_text.stdout
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(package)) and "HF_MSVIT_MODEL" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize(
