@@ -278,7 +278,10 @@ def app_outputs(demo: DemoModel, image, knob: str, gate_threshold: float, budget
     """The app's outputs for one setting: (gate picture, static picture, labels, static labels, summary)."""
     if image is None:
         return None, None, None, None, "Upload an image or pick an example."
-    result = analyze(demo, image, knob, gate_threshold, budget)
+    try:
+        result = analyze(demo, image, knob, gate_threshold, budget)
+    except ValueError as error:  # a setting the model refuses (e.g. a DiT budget below its cheapest route)
+        return None, None, None, None, f"**Cannot run this setting:** {error}"
     summary = summary_markdown(result, demo.model_type)
     return result.gate_picture, result.static_picture, result.labels, result.static_labels, summary
 

@@ -69,33 +69,28 @@ def test_msvit_exact_budget(demo_examples, tmp_path):
         assert result.setting == f"fine_region_budget={budget:g}"
 
 
-class BudgetDiT(DiTForImageClassification):
-    """Stands in for DiT once its forward takes `compute_budget` (it lands on main separately)."""
+class NoBudgetDiT(DiTForImageClassification):
+    """A DiT whose forward takes no `compute_budget` (as before the exact-budget mode existed)."""
 
-    def forward(self, pixel_values, gate_threshold=None, compute_budget=None, **kwargs):
-        self.seen_budget = compute_budget
-        return super().forward(pixel_values, gate_threshold=gate_threshold, **kwargs)
+    def forward(self, pixel_values, labels=None, gate_threshold=None, **kwargs):
+        return super().forward(pixel_values, labels=labels, gate_threshold=gate_threshold, **kwargs)
 
 
-def test_dit_budget_slider_only_with_a_compute_budget_argument(tmp_path):
+def test_budget_slider_only_where_the_forward_takes_a_budget(tmp_path):
     pytest.importorskip("gradio")
-    plain = tiny_dit().eval()
-    assert budget_argument(plain) is None
+    dit = tiny_dit().eval()
+    plain = NoBudgetDiT(dit.config).eval()
+    assert budget_argument(plain) is None and budget_argument(dit) == "compute_budget"
     with pytest.raises(ValueError, match="no exact-budget mode"):
         knob_kwargs(plain, BUDGET, 0.5, 0.5)
     with pytest.raises(ValueError, match="knob must be"):
-        knob_kwargs(plain, "budget", 0.5, 0.5)
-    budgeted = BudgetDiT(plain.config).eval()
-    assert budget_argument(budgeted) == "compute_budget"
-    assert knob_kwargs(budgeted, BUDGET, 0.5, 0.3) == {"compute_budget": 0.3}
-    for model, visible in ((plain, False), (budgeted, True)):
-        demo = _demo(model)
-        app = build_app(demo)
+        knob_kwargs(dit, "budget", 0.5, 0.5)
+    assert knob_kwargs(dit, BUDGET, 0.5, 0.9) == {"compute_budget": 0.9}
+    for model, visible in ((plain, False), (dit, True)):
+        app = build_app(_demo(model))
         components = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
         assert components["budget"].visible is visible
         assert ("exact budget" in [choice[0] for choice in components["knob"].choices]) is visible
-    analyze(_demo(budgeted), torch.zeros(64, 64, 3, dtype=torch.uint8).numpy(), BUDGET, budget=0.4)
-    assert budgeted.seen_budget == 0.4
 
 
 def _demo(model):
@@ -137,3 +132,22 @@ def test_app_file_and_no_gradio_on_import():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
+
+
+def test_dit_budget_knob_runs_compute_budget_and_refuses_what_it_cannot_do(tmp_path):
+    """DiT's exact-budget slider drives `compute_budget`: the GMACs follow it; a budget below the cheapest route
+    shows the model's error instead of failing the app."""
+    from PIL import Image
+
+    from hf_msvit import demo as demo_module
+
+    tiny_dit().save_pretrained(tmp_path)
+    tiny_processor("dit_routing", 64).save_pretrained(tmp_path)
+    loaded = demo_module.load_demo_model(str(tmp_path))
+    assert demo_module.budget_argument(loaded.model) == "compute_budget"
+    image = Image.new("RGB", (64, 64), (120, 30, 200))
+    cheap = demo_module.analyze(loaded, image, demo_module.BUDGET, budget=0.8)
+    full = demo_module.analyze(loaded, image, demo_module.BUDGET, budget=1.0)
+    assert abs(cheap.gmacs / full.gmacs - 0.8) < 0.03 and abs(full.compute_ratio - 1.0) < 1e-6
+    outputs = demo_module.app_outputs(loaded, image, demo_module.BUDGET, 0.5, 0.05)
+    assert outputs[0] is None and "compute_budget" in outputs[-1]
