@@ -120,9 +120,9 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         `>= gate_threshold` (0.5: the more likely choice). Higher values compute fewer tokens. Can also be passed to
         `forward`. Column gates always take the more likely choice.
     stage_input (`str`, *optional*, defaults to `"full_map"`):
-        What a transformer stage sees of the tokens its row gate skips. `"full_map"`: their identity values (they
-        supply keys/values and enter the depth-wise conv of the first block unchanged), so a stage that computes most
-        tokens stays close to the PVTv2 stage it was upcycled from. `"masked_map"`: the paper's Eq. 4 read literally,
+        What a transformer stage sees of the tokens its row gate skips. `"full_map"`: their identity values supply the
+        keys/values (attention context as in the PVTv2 stage it was upcycled from); the MLP runs on computed tokens
+        only, so its depth-wise conv sees zeros at skipped positions. `"masked_map"`: the paper's Eq. 4 read literally,
         the stage runs on the masked map `G * F` (skipped tokens are zeros inside the stage). Skipped tokens keep their
         input values in the node either way, and both cost the same.
     budget_target (`float`, *optional*, defaults to 1.0):
