@@ -119,26 +119,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(parameter.grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_ddp_training_step_in_dynamic_mode_without_find_unused_parameters():
-    """Two gloo processes, `find_unused_parameters=False`, dynamic routing: two steps run (no reduction error)."""
+@pytest.mark.parametrize("sparse_training", [False, True])
+def test_ddp_training_step_in_dynamic_mode(sparse_training):
+    """Two gloo processes, dynamic routing, each with its own images: two steps run (no reduction error, no hang). The
+    dense grid needs no `find_unused_parameters`; sparse training, whose stage choice is reduced over the processes,
+    runs with it."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         # fork: the workers inherit the imported modules (spawn would re-import torch and transformers, ~10 s)
         mp.start_processes(
-            _ddp_worker, args=(2, os.path.join(tmp, "rendezvous")), nprocs=2, join=True, start_method="fork"
+            _ddp_worker,
+            args=(2, os.path.join(tmp, "rendezvous"), sparse_training),
+            nprocs=2,
+            join=True,
+            start_method="fork",
         )
 
 
-def _ddp_worker(rank, world_size, init_file):
+def _ddp_worker(rank, world_size, init_file, sparse_training=False):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = build(seed=0)
+        model = build(seed=0, sparse_training=sparse_training, gate_noise_scale=0.0)
         model.train()
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=sparse_training)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
         for step in range(2):
             torch.manual_seed(10 * rank + step)
