@@ -9,7 +9,9 @@ Models. MSViT-S/16 is upcycled from a random HF `ViTForImageClassification` (ViT
 by choosing the gate threshold as a quantile of the batch's gate probabilities, so the gate runs as in deployment and
 images get different token counts, and, in the "budget" rows, by `fine_region_budget` (the same number of fine regions
 in every image: equal lengths, no buckets). DiT-b1/b2 are upcycled from random HF `PvtV2ForImageClassification`;
-their row gates are set to compute a given fraction of the tokens of every stage on PVTv2's route (`dit_bench.py`).
+their row gates are set to compute a given fraction of the tokens of every stage on PVTv2's route (`dit_bench.py`),
+and, in the "budget" rows, `compute_budget` makes every image compute that fraction of the static cost (the same
+tokens per stage in every image, chosen by the gates' scores).
 
 Method. One worker process per group (family, variant, batch size): it builds the baseline, our model on its static
 route (MSViT with every region fine, DiT on PVTv2's route) and the dynamic model at each ratio, then times them
@@ -114,6 +116,11 @@ def dit_models(spec, pixel_values):
     for ratio in spec["ratios"]:
         set_dit_keep_ratio(dit, pixel_values, ratio)
         models[f"dynamic:-:{ratio}"] = (dit, route("dynamic", dit_gate_state(dit)), {})
+    if spec.get("budgets"):  # the exact-budget mode: the same work in every image, no host syncs
+        set_dit_keep_ratio(dit, pixel_values, 0.5)  # gates with a random direction: scattered top tokens
+        gates = dit_gate_state(dit)
+    for budget in spec.get("budgets", []):
+        models[f"budget:-:{budget}"] = (dit, route("dynamic", gates), {"compute_budget": budget})
     return models
 
 
@@ -267,6 +274,9 @@ def group_rows(spec, with_memory=True) -> list[dict]:
         row["images_per_s"] = spec["batch_size"] / result["latency_s"]
         if with_memory:  # the memory process builds only what this row needs
             only = {"ratios": [row["ratio"]] if row["ratio"] is not None else [], "token_batching": [mode]}
+            if spec["family"] == "dit":  # DiT's budget rows: the keep ratios are for the dynamic rows only
+                only = {"ratios": only["ratios"] if model == "dynamic" else [], "budgets": only["ratios"]}
+                only["budgets"] = only["budgets"] if model == "budget" else []
             row["peak_memory_mb"] = run_worker("memory", {**spec, **only, "model_name": name})
         rows.append(row)
         print(f"    {name}: {row['images_per_s']:.2f} img/s, {result['latency_s'] * 1e3:.1f} ms", flush=True)
@@ -356,6 +366,7 @@ def parse_args():
     parser.add_argument("--msvit-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--dit-variants", nargs="+", default=["b1", "b2"])
     parser.add_argument("--dit-ratios", type=float, nargs="+", default=[0.5, 0.7, 1.0])
+    parser.add_argument("--dit-budgets", type=float, nargs="+", default=[0.5, 0.7, 0.85])
     parser.add_argument(
         "--msvit-batching", nargs="+", default=["pad", "per_image", "pack"],
         help="MSViT token_batching alternatives measured against the default (bucket) at batch 32, fine ratio 0.5",
@@ -378,7 +389,10 @@ def sections(args, base) -> list[dict]:
                 spec = dict(common, family="msvit", variant="s16", ratios=args.msvit_ratios, token_batching=["bucket"])
                 rows += group_rows(spec, not args.no_memory)
             for variant in args.dit_variants if "dit" in args.families else []:
-                spec = dict(common, family="dit", variant=variant, ratios=args.dit_ratios, token_batching=["-"])
+                spec = dict(
+                    common, family="dit", variant=variant, ratios=args.dit_ratios, budgets=args.dit_budgets,
+                    token_batching=["-"],
+                )  # fmt: skip
                 rows += group_rows(spec, not args.no_memory)
         title = "Dynamic models against their static baselines" + (" (torch.compile)" if use_compile else "")
         result.append({"title": title, "rows": rows})

@@ -6,9 +6,12 @@ Targets checked (from the project's performance issue), against the HF baseline 
 - MSViT at fine ratio 0.5: efficiency (measured / ideal speedup) >= 0.93 at batch 1 and at batch 32;
 - MSViT with a fine-region budget of 0.5 (every image the same length): efficiency >= 0.97 at batch 1 and 32;
 - MSViT at fine ratio 1.0: at most 5% slower than the ViT it came from (measured speedup >= 0.95);
-- DiT with 30% of tokens skipped (keep ratio 0.7): efficiency >= 0.85 at batch 1 and 32;
-- DiT on its static route: within 3% of HF PVTv2 (measured speedup >= 0.97);
-- DiT at batch 32: peak memory at most 1.2x PVTv2's.
+- DiT's routing, scored against DiT's own static route (same kernels), keep ratio 0.7 and 0.5: efficiency vs own
+  static >= 0.9 at batch 1 and 32 (the routing issue);
+- DiT's kernels: on its static route within 3% of HF PVTv2 (measured speedup >= 0.97); at batch 32 peak memory at most
+  1.2x PVTv2's. The "efficiency" column of DiT's dynamic rows against HF PVTv2 mixes both results and has no target.
+- DiT training: a step of DiT-b0/b1 (sparse training) at most 2x the step of PVTv2 of the same size
+  (`training_*.json`, from bench_training.py).
 
 onnxruntime rows (the exported graphs, issue 20), against the exported HF baseline of the same weights:
 - MSViT with a fine-region budget of 0.5: efficiency >= 0.9 at batch 32 and >= 0.85 at batch 1;
@@ -26,8 +29,9 @@ TARGETS = {
     ("msvit", "dynamic", 0.5, None): [("efficiency", 0.93)],
     ("msvit", "budget", 0.5, None): [("efficiency", 0.97)],
     ("msvit", "dynamic", 1.0, None): [("measured_speedup", 0.95)],
-    ("dit", "dynamic", 0.7, None): [("efficiency", 0.85)],
-    ("dit", "dynamic", 0.7, 32): [("efficiency", 0.85), ("memory_ratio", 1.2)],
+    ("dit", "dynamic", 0.7, None): [("efficiency_vs_own_static", 0.9)],
+    ("dit", "dynamic", 0.5, None): [("efficiency_vs_own_static", 0.9)],
+    ("dit", "dynamic", 0.7, 32): [("efficiency_vs_own_static", 0.9), ("memory_ratio", 1.2)],
     ("dit", "ours_static", None, None): [("measured_speedup", 0.97)],
     ("dit", "ours_static", None, 32): [("measured_speedup", 0.97), ("memory_ratio", 1.2)],
 }
@@ -87,8 +91,7 @@ def render_row(row, with_difference=False) -> str:
     else:
         ratio = f"{row['ratio']:.2f}"
         if row["model"] == "budget":
-            budget = "fine-region budget" if family == "msvit" else "compute budget"
-            name, batching = f"{name} ({budget})", "-"
+            name, batching = name + (" (fine-region budget)" if family == "msvit" else " (compute budget)"), "-"
     if "fine_ratio" in row:
         tokens = f"fine {row['fine_ratio']:.2f}, {row['num_tokens_min_max'][0]}-{row['num_tokens_min_max'][1]} tok"
     elif "token_keep_ratio" in row or "stage_keep_ratio" in row:  # older files: "stage_keep_ratio"
@@ -147,6 +150,62 @@ def render(payload) -> list[str]:
     return lines
 
 
+TRAINING_COLUMNS = "| model | PVTv2 of the same size | image px | batch | s / step | step vs PVTv2 | target |"
+TRAINING_NAMES = {
+    "pvt_v2": "PVTv2 (HF)",
+    "dit_static": "DiT, static route",
+    "dit_dense_grid": "DiT, dynamic: dense grid",
+    "dit_sparse_training": "DiT, dynamic: `sparse_training=True`",
+}
+
+
+def render_training(payload) -> list[str]:
+    """The training-step table of `bench_training.py`: a step's ratio to PVTv2's step (target <= 2x)."""
+    machine = payload["machine"]
+    lines = [
+        f"### Training step (forward, backward, AdamW): {machine.get('cpu') or machine['processor']} (cpu)",
+        "",
+        f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['cpu_count']} CPU cores, "
+        f"float32, {payload['threads']} threads; upcycled from random PVTv2 weights, gates on PVTv2's route"
+        + (" — quick smoke run, not for quoting" if payload.get("quick") else ""),
+        "",
+        TRAINING_COLUMNS,
+        "|" + "---|" * (TRAINING_COLUMNS.count("|") - 1),
+    ]
+    for row in payload["rows"]:
+        ratio = row["step_ratio_vs_pvt_v2"]
+        dynamic = row["model"] in ("dit_dense_grid", "dit_sparse_training")
+        note = f"{'met' if ratio <= 2.0 else 'MISSED'} (<= 2x)" if dynamic else ""
+        cells = [
+            TRAINING_NAMES.get(row["model"], row["model"]), f"PVTv2-{row['variant']}", str(row["image_size"]),
+            str(row["batch_size"]), f"{row['step_s']:.3f}", f"{ratio:.2f}", note,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_profile(payload) -> list[str]:
+    """`profile_dit_routing.py`'s table: milliseconds per forward by operator group, for each route."""
+    machine, rows = payload["machine"], payload["rows"]
+    groups = sorted({group for row in rows for group in row["ms"]}, key=lambda g: -rows[0]["ms"].get(g, 0.0))
+    columns = "| DiT | batch | route | " + " | ".join(groups) + " | total ms | time vs static | MACs vs static |"
+    lines = [
+        f"### Where DiT's inference time goes (torch.profiler, CPU self time): {machine.get('cpu')} (cpu)",
+        "",
+        f"torch {machine['torch']}, {machine['cpu_count']} CPU cores, float32, {payload['threads']} threads; "
+        "milliseconds per forward by operator group (the least total of the interleaved repeats)",
+        "",
+        columns,
+        "|" + "---|" * (columns.count("|") - 1),
+    ]
+    for row in rows:
+        cells = [f"DiT-{row['variant']}", str(row["batch_size"]), row["route"]]
+        cells += [f"{row['ms'].get(group, 0.0):.1f}" for group in groups]
+        cells += [f"{row['total_ms']:.1f}", f"{row['time_vs_static']:.2f}", f"{row['mac_ratio']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def main():
     files = sorted((HERE / "results").glob("speed_*.json"))
     lines = [
@@ -171,6 +230,10 @@ def main():
         lines.append("No results yet: run `python benchmarks/bench_speed.py`.")
     for path in files:
         lines += render(json.loads(path.read_text()))
+    for path in sorted((HERE / "results").glob("training_*.json")):
+        lines += render_training(json.loads(path.read_text()))
+    for path in sorted((HERE / "results").glob("profile_dit_*.json")):
+        lines += render_profile(json.loads(path.read_text()))
     output = HERE / "RESULTS.md"
     tmp = output.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")

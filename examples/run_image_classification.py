@@ -131,7 +131,9 @@ MSVIT_CONFIG_ARGUMENTS = (
     "gbas_target_ratio", "gbas_loss_weight", "gbas_hyperprior_std", "gbas_gather_across_processes", "gate_threshold",
     "coarse_patch_size", "gate_input", "gate_hidden_size", "gate_num_layers",
 )  # fmt: skip
-DIT_CONFIG_ARGUMENTS = ("budget_target", "budget_loss_weight")
+DIT_CONFIG_ARGUMENTS = (
+    "budget_target", "budget_loss_weight", "gate_noise_scale", "budget_decisions", "stage_input", "sparse_training",
+)  # fmt: skip
 
 # TrainingArguments defaults of this script (the built-in quick run); every one can be changed on the command line.
 SCRIPT_TRAINING_DEFAULTS = {
@@ -211,6 +213,18 @@ class ModelArguments:
     )
     budget_loss_weight: float | None = field(
         default=None, metadata={"help": "DiT: weight of the budget loss in `loss`."}
+    )
+    gate_noise_scale: float | None = field(
+        default=None, metadata={"help": "DiT: Gumbel noise of the training decisions (1: the paper; 0: upcycling's)."}
+    )
+    budget_decisions: str | None = field(
+        default=None, metadata={"help": "DiT: `deterministic` (what inference takes) or `sampled` (the paper)."}
+    )
+    stage_input: str | None = field(
+        default=None, metadata={"help": "DiT: `full_map` or `masked_map` (the paper's Eq. 4 read literally)."}
+    )
+    sparse_training: bool | None = field(
+        default=None, metadata={"help": "DiT: train only the stages some token runs (a cheaper step; see DiTConfig)."}
     )
     # Fresh backbone (no --model_name_or_path)
     image_size: int | None = field(

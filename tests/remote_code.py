@@ -21,6 +21,7 @@ else:
 def run_without_hf_msvit(snippet: str, modules_cache: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Runs `snippet` with `hf_msvit` blocked, the Hub offline and a private remote-code module cache.
 
+    The child has no stdin, so an interactive "run the custom code? [y/N]" reads EOF instead of waiting.
     Raises `AssertionError` with the child's output if it fails; returns the completed process otherwise.
     """
     env = dict(os.environ)
@@ -28,7 +29,13 @@ def run_without_hf_msvit(snippet: str, modules_cache: str, timeout: int = 300) -
     os.makedirs(modules_cache, exist_ok=True)
     code = _PRELUDE + textwrap.dedent(snippet)
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout, cwd=modules_cache
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=modules_cache,
     )
     if result.returncode != 0:
         raise AssertionError(f"remote-code subprocess failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}")

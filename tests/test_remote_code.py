@@ -3,12 +3,17 @@ an `auto_map` naming every Auto class, a checkpoint loads where hf_msvit is not 
 with the same outputs, and after `import hf_msvit` it loads quietly with the installed classes."""
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageClassification
 
+import hf_msvit
 from hf_msvit import DiTBackbone, DiTModel, MSViTBackbone, MSViTForSemanticSegmentation, MSViTModel
 
 from remote_code import run_without_hf_msvit
@@ -142,3 +147,53 @@ def test_installed_package_wins_without_a_prompt(family, tmp_path):
     model = saved_checkpoint(family, tmp_path)
     assert type(AutoModelForImageClassification.from_pretrained(tmp_path)) is type(model)
     assert type(AutoModel.from_pretrained(tmp_path)) is family.base_class
+
+
+PROMPT = "Do you wish to run the custom code"
+PIPELINE_SNIPPET = """
+from PIL import Image
+from transformers import pipeline
+
+for path in {paths!r}:
+    classifier = pipeline("image-classification", model=path, **{kwargs!r})
+    assert type(classifier.model).__module__.startswith({module_prefix!r}), type(classifier.model)
+    predictions = classifier(Image.new("RGB", (50, 70), (90, 160, 30)), top_k=2)
+    assert len(predictions) == 2 and {{"label", "score"}} <= set(predictions[0]), predictions
+    print("OK", path, predictions[0]["label"])
+"""
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["installed", "remote_code"])
+def test_pipeline_never_asks(installed, tmp_path):
+    """`pipeline()` on a saved checkpoint runs in a process with no stdin: with hf_msvit imported, no question and the
+    installed classes; without hf_msvit, `trust_remote_code=True` loads the copied code. (pipeline() also tries
+    `AutoVideoProcessor`, which derives a remote video-processor reference from the image processor's `auto_map` and
+    asked "run the custom code? [y/N]" until hf_msvit registered that it has no video processor.)"""
+    paths = []
+    for family in (MSVIT, DIT):
+        saved_checkpoint(family, tmp_path / family.model_type)
+        paths.append(str(tmp_path / family.model_type))
+    if installed:
+        snippet = "import hf_msvit\n" + PIPELINE_SNIPPET.format(paths=paths, kwargs={}, module_prefix="hf_msvit.")
+        result = run_with_hf_msvit(snippet, cwd=tmp_path)
+    else:
+        snippet = PIPELINE_SNIPPET.format(
+            paths=paths, kwargs={"trust_remote_code": True}, module_prefix="transformers_modules."
+        )
+        result = run_without_hf_msvit(snippet, modules_cache=str(tmp_path / "modules"))
+    output = result.stdout + result.stderr
+    assert PROMPT not in output, output
+    assert output.count("OK ") == 2, output
+
+
+def run_with_hf_msvit(snippet: str, cwd) -> subprocess.CompletedProcess:
+    """Runs `snippet` in a fresh process that imports this hf_msvit (as installed, or from this checkout's src/),
+    Hub offline and no stdin: an interactive prompt would read EOF."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(hf_msvit.__file__).parents[1]), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=cwd,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, f"STDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr}"
+    return result

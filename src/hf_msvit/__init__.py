@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForSemanticSegmentation,
 )
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
 from .models.dit_routing import (
     DiTBackbone,
@@ -42,6 +43,14 @@ def _register(config_class, model_class, classification_class, image_processor_c
     AutoModel.register(config_class, model_class, exist_ok=True)
     AutoModelForImageClassification.register(config_class, classification_class, exist_ok=True)
     AutoImageProcessor.register(config_class, image_processor_classes={"pil": image_processor_class}, exist_ok=True)
+    # No video processor, said explicitly. `pipeline()` also tries `AutoVideoProcessor`, which (finding no
+    # `video_processor_type`) turns the image processor's `auto_map` entry into a remote `...VideoProcessor` reference;
+    # with nothing registered for our config it counts as remote code only and asks "run the custom code? [y/N]". A
+    # registered (empty) entry is local code, so transformers prefers it without asking and reports that there is no
+    # video processor, which `pipeline()` treats as "none needed". Without hf_msvit, trust_remote_code=True loads as
+    # before (the derived remote class does not exist; pipeline() skips the optional component).
+    # (Imported from its module: `transformers.AutoVideoProcessor` is a placeholder when torchvision is missing.)
+    AutoVideoProcessor.register(config_class, video_processor_classes={}, exist_ok=True)
 
 
 _register(MSViTConfig, MSViTModel, MSViTForImageClassification, MSViTImageProcessor)

@@ -23,16 +23,24 @@ rendered with `huggingface_hub.ModelCard.from_template` from the Jinja templates
 (`model_cards/` at the repository root), with YAML metadata and, when the data is a Hub dataset, a `model-index`.
 
 `save_for_hub` writes the same folder locally without uploading.
+
+`push_demo_space(repo_id, model_id)` creates a Gradio Space running the compute-knob demo (`hf_msvit.demo`) on a
+model already on the Hub: `app.py`, `requirements.txt`, a `README.md` with the Space metadata and a copy of the
+`hf_msvit` package, in one commit; the Space variable `HF_MSVIT_MODEL` names the model.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from importlib import resources
+from importlib import metadata, resources
+from pathlib import Path
 
 import huggingface_hub
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, SpaceCard, SpaceCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 
 TEMPLATE_DIR = "model_cards"  # inside the hf_msvit package; `model_cards/` at the repo root links here
@@ -52,7 +60,8 @@ TRAINING_SETTINGS = (
 
 
 class HubPushError(RuntimeError):
-    """Raised by `push_to_hub` when a step fails; `step` names it (`save`, `create_repo` or `upload`)."""
+    """Raised by `push_to_hub` / `push_demo_space` when a step fails; `step` names it (`save`, `create_repo`,
+    `set_variable` or `upload`)."""
 
     def __init__(self, step: str, repo_id: str, cause: BaseException):
         self.step = step
@@ -226,6 +235,124 @@ def push_to_hub(
     return getattr(commit, "commit_url", None) or str(commit)
 
 
+# The Space's entry point; `demo/app.py` in the repository is the same file (a test keeps them equal).
+DEMO_APP_PY = '''"""The MSViT / DiT compute-knob demo: `python demo/app.py --model runs/msvit-digits` (or a Hub id).
+
+On a Hugging Face Space (made by `hf_msvit.hub.push_demo_space`) the checkpoint comes from the HF_MSVIT_MODEL
+variable. The app's logic lives in `hf_msvit.demo`.
+"""
+
+import sys
+
+from hf_msvit.demo import main
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+DEMO_REQUIREMENTS = (
+    "torch",
+    f"transformers>={TRANSFORMERS_MIN},<6",
+    "huggingface_hub>=1.0",
+    "safetensors",
+    "Pillow",
+    "numpy",
+    "scikit-learn",  # the example images (digits and photographs ship inside its wheel)
+)
+
+
+def demo_space_card(repo_id: str, model_id: str, title: str | None = None) -> SpaceCard:
+    """The Space's README: metadata for a Gradio Space (`sdk`, `app_file`, the model it shows) and a short text."""
+    try:
+        sdk_version = metadata.version("gradio")  # the version the app was tested with here
+    except metadata.PackageNotFoundError:
+        sdk_version = None
+    data = SpaceCardData(
+        title=title or f"{model_id.split('/')[-1]} compute knob",
+        sdk="gradio",
+        sdk_version=sdk_version,
+        app_file="app.py",
+        models=[model_id],
+        license="apache-2.0",
+        tags=["hf_msvit", "dynamic-compute", "vision"],
+        emoji="🎛️",
+        colorFrom="blue",
+        colorTo="yellow",
+        pinned=False,
+    )
+    text = (
+        f"# {data.title}\n\nThe compute knob of [{model_id}](https://huggingface.co/{model_id}) (hf_msvit): the "
+        "gate's decisions, the top-5 labels and the GMACs of one image, live under the `gate_threshold` and "
+        "exact-budget sliders, next to the same image through the static backbone.\n\nThe model comes from the "
+        "Space variable `HF_MSVIT_MODEL`; `hf_msvit/` is a copy of the package that made this Space.\n"
+    )
+    return SpaceCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def save_demo_space(folder: str, model_id: str, repo_id: str | None = None, title: str | None = None) -> list[str]:
+    """Writes what `push_demo_space` uploads into `folder`; returns the sorted top-level names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "app.py").write_text(DEMO_APP_PY, encoding="utf-8")
+    (folder / "requirements.txt").write_text("\n".join(DEMO_REQUIREMENTS) + "\n", encoding="utf-8")
+    demo_space_card(repo_id or model_id, model_id, title).save(folder / "README.md")
+    package = Path(__file__).parent
+    shutil.copytree(package, folder / "hf_msvit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return sorted(os.listdir(folder))
+
+
+def _check_space_ids(repo_id: str, model_id: str) -> None:
+    if model_id and os.path.exists(model_id):
+        raise ValueError(
+            f"model_id {model_id!r} is a local folder; a Space loads its model from the Hub. Upload it first "
+            "(hf_msvit.hub.push_to_hub or --push_to_hub) and pass its Hub id."
+        )
+    for role, name in (("repo_id (the Space)", repo_id), ("model_id", model_id)):
+        try:
+            validate_repo_id(name)
+        except (HFValidationError, TypeError) as error:
+            raise ValueError(f"{role} must be a Hub id such as 'user/name', got {name!r}: {error}") from error
+
+
+def push_demo_space(
+    repo_id: str,
+    model_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    title: str | None = None,
+    commit_message: str = "Upload the hf_msvit compute-knob demo",
+) -> str:
+    """Creates (or updates) the Gradio Space `repo_id` showing the Hub model `model_id`; returns the commit URL.
+
+    Steps: write the files to a temporary folder (`save_demo_space`), create the Space (`space_sdk="gradio"`), set
+    its variable `HF_MSVIT_MODEL` to `model_id`, upload everything in one commit. Bad ids raise `ValueError` before
+    anything is sent; a failed step raises `HubPushError` naming it.
+    """
+    from .demo import MODEL_ENV
+
+    _check_space_ids(repo_id, model_id)
+    with tempfile.TemporaryDirectory(prefix="hf_msvit_space_") as folder:
+        _step("save", repo_id, save_demo_space, folder, model_id, repo_id=repo_id, title=title)
+        api = huggingface_hub.HfApi(token=token, library_name="hf_msvit", library_version=_version())
+        space = {"repo_type": "space", "space_sdk": "gradio", "private": private, "exist_ok": True}
+        _step("create_repo", repo_id, api.create_repo, repo_id, **space)
+        _step("set_variable", repo_id, api.add_space_variable, repo_id, MODEL_ENV, model_id)
+        commit = _step(
+            "upload", repo_id, api.upload_folder, repo_id=repo_id, folder_path=folder, repo_type="space",
+            commit_message=commit_message,
+        )  # fmt: skip
+    return getattr(commit, "commit_url", None) or str(commit)
+
+
+def _step(step: str, repo_id: str, call, /, *args, **kwargs):
+    """`call(*args, **kwargs)`, any failure raised as `HubPushError` naming `step`."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as error:
+        raise HubPushError(step, repo_id, error) from error
+
+
 def _version() -> str:
     from . import __version__
 
@@ -236,8 +363,11 @@ __all__ = [
     "HubPushError",
     "build_model_card",
     "card_metadata",
+    "demo_space_card",
+    "push_demo_space",
     "push_to_hub",
     "read_template",
+    "save_demo_space",
     "save_for_hub",
     "training_settings",
 ]

@@ -5,7 +5,8 @@
 - DiT: the routing grid (scales x stages): for every stage the fraction of the image's tokens it computed, for every
   downsampling edge whether the column gate took it, next to the image.
 
-`visualize(model, image, output_path)` dispatches on the model type; `hf-msvit visualize` is the command line.
+`visualize(model, image, output_path)` dispatches on the model type; `hf-msvit visualize` is the command line;
+`picture(model, image, pixel_values, outputs)` draws a forward that already ran (the demo app uses it).
 """
 
 from __future__ import annotations
@@ -94,19 +95,23 @@ def visualize_msvit(model, image, image_processor=None, gate_threshold=None, sca
     pixel_values = _pixel_values(model, image, image_processor)
     with torch.no_grad():
         outputs = model(pixel_values, gate_threshold=gate_threshold)
-    config = model.config
+    return msvit_picture(model.config, image, pixel_values, outputs, scale=scale)
+
+
+def msvit_picture(config, image: Image.Image, pixel_values, outputs, scale=None, index: int = 0) -> Image.Image:
+    """The picture of image `index` of a forward that already ran (`outputs` of an MSViT with `config`)."""
     if scale is None:
         scale = max(1, 384 // max(pixel_values.shape[-2:]))
     shown = _display_image(pixel_values, image, scale)
     picture = draw_msvit_gates(
         shown,
-        outputs.fine_region_mask[0].cpu(),
+        outputs.fine_region_mask[index].cpu(),
         config.coarse_patch_size,
         config.patch_size,
-        gate_probs=outputs.gate_probs[0].cpu() if outputs.gate_probs is not None else None,
+        gate_probs=outputs.gate_probs[index].cpu() if outputs.gate_probs is not None else None,
         scale=scale,
     )
-    tokens, macs = int(outputs.num_tokens[0]), float(outputs.macs[0])
+    tokens, macs = int(outputs.num_tokens[index]), float(outputs.macs[index])
     return _with_caption(picture, f"{tokens} tokens, {macs / 1e9:.3f} GMACs")
 
 
@@ -153,39 +158,66 @@ def draw_dit_routing(stage_keep_ratio: torch.Tensor, downsampled: torch.Tensor, 
     return out
 
 
-def visualize_dit(model, image, image_processor=None, scale=None) -> Image.Image:
+def visualize_dit(model, image, image_processor=None, gate_threshold=None, scale=None) -> Image.Image:
     image = _load_image(image)
     pixel_values = _pixel_values(model, image, image_processor)
     with torch.no_grad():
-        outputs = model(pixel_values)
-    routing = draw_dit_routing(outputs.stage_keep_ratio[0].float().cpu(), outputs.downsampled[0].float().cpu())
+        outputs = model(pixel_values, gate_threshold=gate_threshold)
+    return dit_picture(image, pixel_values, outputs, scale=scale)
+
+
+def dit_picture(image: Image.Image, pixel_values, outputs, scale=None, index: int = 0) -> Image.Image:
+    """The picture of image `index` of a DiT forward that already ran: the image next to its route."""
+    routing = draw_dit_routing(
+        outputs.stage_keep_ratio[index].float().cpu(), outputs.downsampled[index].float().cpu()
+    )
     if scale is None:
         scale = max(1, routing.height // max(pixel_values.shape[-2:]))
     shown = _display_image(pixel_values, image, scale)
     out = Image.new("RGB", (shown.width + routing.width + 8, max(shown.height, routing.height)), (255, 255, 255))
     out.paste(shown, (0, 0))
     out.paste(routing, (shown.width + 8, 0))
-    return _with_caption(out, f"{float(outputs.macs[0]) / 1e9:.3f} GMACs")
+    return _with_caption(out, f"{float(outputs.macs[index]) / 1e9:.3f} GMACs")
+
+
+def picture(model, image: Image.Image, pixel_values, outputs, **kwargs) -> Image.Image:
+    """The gate picture of a forward that already ran (`outputs` of `model` on `pixel_values` from `image`), for a
+    model of either type: lets a caller choose the forward's arguments (`fine_region_budget`, a forced route)."""
+    model_type = _model_type(model)
+    if model_type == "msvit":
+        return msvit_picture(model.config, image, pixel_values, outputs, **kwargs)
+    return dit_picture(image, pixel_values, outputs, **kwargs)
+
+
+def _model_type(model) -> str:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ("msvit", "dit_routing"):
+        raise ValueError(
+            f"visualize() draws MSViT (msvit) and DiT (dit_routing) models, got model_type {model_type!r}."
+        )
+    return model_type
 
 
 def visualize(model, image, output_path=None, image_processor=None, **kwargs) -> Image.Image:
     """Saves (if `output_path` is given) and returns a PNG-ready picture of the model's gate decisions on `image`."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type == "msvit":
-        picture = visualize_msvit(model, image, image_processor=image_processor, **kwargs)
-    elif model_type == "dit_routing":
-        picture = visualize_dit(model, image, image_processor=image_processor, **kwargs)
-    else:
-        raise ValueError(
-            f"visualize() draws MSViT (msvit) and DiT (dit_routing) models, got model_type {model_type!r}."
-        )
+    draw = visualize_msvit if _model_type(model) == "msvit" else visualize_dit
+    drawn = draw(model, image, image_processor=image_processor, **kwargs)
     if output_path is not None:
         output_path = Path(output_path)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = output_path.with_name(output_path.name + ".tmp")
-        picture.save(tmp, format="PNG")
+        drawn.save(tmp, format="PNG")
         tmp.replace(output_path)
-    return picture
+    return drawn
 
 
-__all__ = ["draw_dit_routing", "draw_msvit_gates", "visualize", "visualize_dit", "visualize_msvit"]
+__all__ = [
+    "dit_picture",
+    "draw_dit_routing",
+    "draw_msvit_gates",
+    "msvit_picture",
+    "picture",
+    "visualize",
+    "visualize_dit",
+    "visualize_msvit",
+]

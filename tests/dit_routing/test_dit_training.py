@@ -119,26 +119,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(parameter.grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_ddp_training_step_in_dynamic_mode_without_find_unused_parameters():
-    """Two gloo processes, `find_unused_parameters=False`, dynamic routing: two steps run (no reduction error)."""
+@pytest.mark.parametrize("sparse_training", [False, True])
+def test_ddp_training_step_in_dynamic_mode(sparse_training):
+    """Two gloo processes, dynamic routing, each with its own images: two steps run (no reduction error, no hang). The
+    dense grid needs no `find_unused_parameters`; sparse training, whose stage choice is reduced over the processes,
+    runs with it."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         # fork: the workers inherit the imported modules (spawn would re-import torch and transformers, ~10 s)
         mp.start_processes(
-            _ddp_worker, args=(2, os.path.join(tmp, "rendezvous")), nprocs=2, join=True, start_method="fork"
+            _ddp_worker,
+            args=(2, os.path.join(tmp, "rendezvous"), sparse_training),
+            nprocs=2,
+            join=True,
+            start_method="fork",
         )
 
 
-def _ddp_worker(rank, world_size, init_file):
+def _ddp_worker(rank, world_size, init_file, sparse_training=False):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = build(seed=0)
+        model = build(seed=0, sparse_training=sparse_training, gate_noise_scale=0.0)
         model.train()
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=sparse_training)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
         for step in range(2):
             torch.manual_seed(10 * rank + step)
@@ -296,3 +303,43 @@ def test_noise_free_training_takes_the_inference_route():
         torch.testing.assert_close(macs, inference.macs)
     out.loss.backward()
     assert sum(gate.weight.grad.abs().sum() for gate in model.dit._gates()) > 0
+
+
+def _stage_calls(model):
+    """Counts the training forwards of every grid stage (a list the hooks append to)."""
+    calls = []
+    for row in model.dit.grid:
+        for stage in row:
+            stage.register_forward_hook(lambda module, args, output: calls.append(module))
+    return calls
+
+
+@pytest.mark.parametrize("gate_init", ["static_route", "all_open"])
+def test_sparse_training_computes_only_what_the_batch_reaches_with_the_same_forward(gate_init):
+    """`sparse_training=True` skips the stages no token runs and the nodes no image reaches: the same loss and
+    outputs as the dense grid with fewer stage forwards. Upcycled (zero gate weights, so no gradient flows from a gate
+    back into the features) the stages that ran get the dense grid's gradients exactly; with trained gates the skipped
+    stages' straight-through terms are what sparse training gives up."""
+    results = {}
+    for sparse in (False, True):
+        prob = 0.9 if gate_init == "static_route" else 0.5  # 0.5: random gates run part of the off-route stages
+        model = build(
+            gate_noise_scale=0.0, gate_init=gate_init, gate_init_compute_prob=prob, sparse_training=sparse
+        ).train()
+        calls = _stage_calls(model)
+        out = model(pixels(3), labels=torch.tensor([0, 1, 2]))
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[sparse] = (out, len(calls), grads)
+    (dense, dense_calls, dense_grads), (sparse, sparse_calls, sparse_grads) = results[False], results[True]
+    torch.testing.assert_close(sparse.loss, dense.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sparse.macs, dense.macs)
+    assert sparse_calls < dense_calls == 16
+    if gate_init == "static_route":
+        assert sparse_calls == 4, "an upcycled model starts on PVTv2's route: its four stages"
+    stage_grads = [name for name in sparse_grads if ".grid." in name]
+    assert stage_grads, "the stages that ran are trained"
+    for name in stage_grads if gate_init == "static_route" else []:
+        torch.testing.assert_close(sparse_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4)
+    gate_grads = [name for name in sparse_grads if "_gates." in name and sparse_grads[name].abs().sum() > 0]
+    assert gate_grads, "the gates still learn (budget loss, and the task through the stages that ran)"

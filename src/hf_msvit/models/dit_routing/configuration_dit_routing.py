@@ -120,9 +120,9 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         `>= gate_threshold` (0.5: the more likely choice). Higher values compute fewer tokens. Can also be passed to
         `forward`. Column gates always take the more likely choice.
     stage_input (`str`, *optional*, defaults to `"full_map"`):
-        What a transformer stage sees of the tokens its row gate skips. `"full_map"`: their identity values (they
-        supply keys/values and enter the depth-wise conv of the first block unchanged), so a stage that computes most
-        tokens stays close to the PVTv2 stage it was upcycled from. `"masked_map"`: the paper's Eq. 4 read literally,
+        What a transformer stage sees of the tokens its row gate skips. `"full_map"`: their identity values supply the
+        keys/values (attention context as in the PVTv2 stage it was upcycled from); the MLP runs on computed tokens
+        only, so its depth-wise conv sees zeros at skipped positions. `"masked_map"`: the paper's Eq. 4 read literally,
         the stage runs on the masked map `G * F` (skipped tokens are zeros inside the stage). Skipped tokens keep their
         input values in the node either way, and both cost the same.
     budget_target (`float`, *optional*, defaults to 1.0):
@@ -138,6 +138,13 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         gradients of the probabilities), so the budget binds on what evaluation computes. `"sampled"`: the Gumbel
         samples the training forward used (the paper); their cost is an expectation over samples, which differs from
         what the deterministic inference computes when many probabilities sit between 0 and 1.
+    sparse_training (`bool`, *optional*, defaults to `False`):
+        What a training forward of the dynamic route computes. `False`: every node of the grid, densely (the paper):
+        the straight-through gradients then also reach the gates of closed stages and edges, but a step costs several
+        times PVTv2's. `True`: only the nodes some image of the batch reaches and the stages some token runs through
+        (still densely within a stage, so the row gates of a running stage get their full gradient): a step costs
+        about what the route costs; closed stages and edges then move only through the budget loss. Every process
+        computes the same stages (the choice is reduced over processes); under DDP set `find_unused_parameters=True`.
     compute_budget (`float`, *optional*):
         Inference option: every image computes exactly this fraction of the static (PVTv2) route's cost (within 2%, as
         `macs` reports it) instead of thresholding the row gates. The images follow PVTv2's route and every stage on it
@@ -205,6 +212,7 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
     budget_target: float | int = 1.0
     budget_loss_weight: float | int = 10.0
     budget_decisions: str = "deterministic"
+    sparse_training: bool = False
     compute_budget: float | int | None = None
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None

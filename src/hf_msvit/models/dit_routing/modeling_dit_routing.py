@@ -812,6 +812,7 @@ class _Route:
     row_threshold: float
     budget_ledger: _RouteLedger | None = None
     tokens_per_scale: list[int] | None = None
+    dense_training: bool = True  # "sample" mode: compute every node, or only what some image reaches
     features: dict = field(default_factory=dict)  # (scale, column) -> (batch, tokens, C)
     row_decisions: dict = field(default_factory=dict)  # (scale, column) -> decisions of stage (scale, column)
     reached_index: dict = field(default_factory=dict)  # sparse mode: (scale, column) -> reached images (None: all)
@@ -822,7 +823,7 @@ class _Route:
         """Whether node (scale, column) is computed: a fixed route's reached nodes, every node with an incoming edge in
         training, nodes some image reaches at inference (from the edges' decisions, already on the host)."""
         if reach is None or self.mode == "sample":
-            return reach is not None
+            return reach is not None and (self.dense_training or _any_in_any_process(reach))
         if not isinstance(reach, torch.Tensor):  # the stem (reach 1) or a fixed route
             if self.mode == "sparse" and reach:
                 self.reached_on_host[(scale, column)] = [True] * self.ledger.macs.shape[0]
@@ -843,6 +844,17 @@ class _Route:
         """Sparse mode: which images take edge (scale, column) (one host sync per edge; the reach of every node and
         the sub-batch of every edge follow from these)."""
         self.taken_on_host[(scale, column)] = (taken > 0).tolist()  # trf-ignore: TRF056 data-dependent routing
+
+
+def _any_in_any_process(values) -> bool:
+    """Whether any entry of the 0/1 `values` (a tensor, or a Python number) is set, in this process or any other of
+    the job (so that every process computes the same modules in `sparse_training`)."""
+    if not isinstance(values, torch.Tensor):
+        return bool(values)
+    flag = values.detach().gt(0).any().to(torch.int32)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
 
 
 def _on_images(function: Callable, inputs: torch.Tensor, index: torch.Tensor | None, batch_size: int):
@@ -1076,7 +1088,7 @@ class DiTModel(DiTPreTrainedModel):
         # collectives on every process), and the values equal the sparse inference path exactly.
         # CODEPATH: "deterministic" (default) prices inference's decisions; "sampled" the Gumbel samples.
         budget_ledger = _RouteLedger(config, sizes, macs) if config.budget_decisions == "deterministic" else None
-        return _Route("sample", ledger, threshold, budget_ledger)
+        return _Route("sample", ledger, threshold, budget_ledger, dense_training=not config.sparse_training)
 
     def _visit_node(self, route: _Route, scale: int, column: int) -> None:
         """Computes node (scale, column) from its row and column parts (Eq. 4), then decides the gates leaving it."""
@@ -1102,7 +1114,10 @@ class DiTModel(DiTPreTrainedModel):
         if route.mode == "budget":
             return stage.forward_top_tokens(previous, *size, decisions)
         if route.mode == "sample":
-            return _times(route.ledger.reach[(scale, column - 1)], stage(previous, *size, decisions))
+            reach = route.ledger.reach[(scale, column - 1)]
+            if not route.dense_training and not _any_in_any_process(_times(reach, decisions.unsqueeze(-1))):
+                return _times(reach, previous)  # no token runs the stage: its gates learn from the budget alone
+            return _times(reach, stage(previous, *size, decisions))
         return _run_stage_sparse(stage, previous, decisions > 0, size)
 
     def _column_part(self, route: _Route, scale: int, column: int):
@@ -1119,6 +1134,8 @@ class DiTModel(DiTPreTrainedModel):
         if route.mode in ("fixed", "budget"):
             return embed(above) if taken else None
         if route.mode == "sample":
+            if not route.dense_training and not _any_in_any_process(taken):
+                return None
             return _times(taken, embed(above))
         run = route.taken_on_host[(scale - 1, column)]
         if not any(run):

@@ -1,0 +1,103 @@
+"""Training-step benchmark: what a step (forward, backward, AdamW) of a dynamic model costs against the static model it
+was upcycled from, same weights, same run, timed interleaved (median over rounds).
+
+    python benchmarks/bench_training.py            # writes benchmarks/results/training_<device>.json
+    python benchmarks/make_results_table.py        # renders it into benchmarks/RESULTS.md
+    python benchmarks/bench_training.py --quick    # a smoke run (few rounds, not for quoting)
+
+DiT-b0/b1 are upcycled from random HF PVTv2 of the same size (`dit_bench.build_dit_pair`), so their gates start on
+PVTv2's route, as every upcycled fine-tuning does. Rows: HF PVTv2, DiT on its static route, DiT's dynamic route
+computed as a dense grid (the paper's training, the default) and with `sparse_training=True` (only the stages some
+token of the batch runs). A step's ratio to PVTv2's is the number the routing issue targets (<= 2x).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from bench_speed import machine_description
+from dit_bench import build_dit_pair
+
+
+RESULTS = Path(__file__).parent / "results"
+MODES = {"dit_static": {"routing_mode": "static"}, "dit_dense_grid": {}, "dit_sparse_training": {}}
+
+
+def training_models(variant, image_size):
+    """`{row name: model}` in train mode; every DiT copy starts from the same upcycled weights."""
+    pvt, dit = build_dit_pair(variant, image_size=image_size, gate_noise_scale=0.0)
+    models = {"pvt_v2": pvt}
+    for name, overrides in MODES.items():
+        copy = type(dit)(dit.config.__class__(**{**dit.config.to_dict(), **overrides}))
+        copy.load_state_dict(dit.state_dict())
+        copy.config.sparse_training = name == "dit_sparse_training"
+        models[name] = copy
+    return {name: model.train() for name, model in models.items()}
+
+
+def make_step(model, pixel_values, labels):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(pixel_values, labels=labels).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_group(variant, image_size, batch_size, rounds, threads) -> list[dict]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size)
+    labels = torch.randint(0, 1000, (batch_size,))
+    models = training_models(variant, image_size)
+    steps = {name: make_step(model, pixel_values, labels) for name, model in models.items()}
+    for step in steps.values():  # warm-up (allocations, AdamW state)
+        step()
+    times = {name: [] for name in steps}
+    for round_index in range(rounds):
+        names = list(steps)[round_index % len(steps) :] + list(steps)[: round_index % len(steps)]
+        for name in names:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    baseline = statistics.median(times["pvt_v2"])
+    rows = []
+    for name, values in times.items():
+        step_s = statistics.median(values)
+        row = {"variant": variant, "image_size": image_size, "batch_size": batch_size, "model": name}
+        rows.append({**row, "step_s": step_s, "rounds": len(values), "step_ratio_vs_pvt_v2": step_s / baseline})
+        print(f"    {variant} {image_size}px batch {batch_size} {name}: {step_s:.3f} s/step", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["b0", "b1"])
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    rounds = 2 if args.quick else args.rounds
+    rows = []
+    for variant in args.variants:
+        rows += time_group(variant, args.image_size, args.batch_size, rounds, args.threads)
+    payload = {"machine": machine_description(torch.device("cpu")), "quick": args.quick, "threads": args.threads}
+    payload["rows"] = rows
+    output = Path(args.output) if args.output else RESULTS / "training_cpu.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".json.tmp")  # never a half-written result file
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(output)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""DiT's accuracy-compute study on the built-in data: what each recipe buys, and the inference knobs of one model.
+
+    python benchmarks/dit_study.py           # -> benchmarks/dit_study/{results.md,results.json,knobs.png}
+    python benchmarks/dit_study.py --quick   # a smoke run (minutes; numbers meaningless)
+
+Every model is trained by `examples/run_image_classification.py`; the data, the PVTv2-b0 baseline (its learning rate
+is the best of `study.py`'s sweep) and the evaluation are `study.py`'s. DiT-b0 is upcycled from that PVTv2-b0:
+
+- `sparse` (the package's recipe): noise-free gates, inference's decisions priced, the full map as stage input,
+  `sparse_training=True` (only the stages some token runs are computed in training); gate-only phase 90 steps, joint
+  180 steps at 5e-4 (`docs/dit.md`). 3 seeds.
+- `sparse_long` (budget 0.6): the same with a joint phase three times as long (540 steps). 3 seeds.
+- `paper`: the paper's choices, trained on the whole grid as the paper does: Gumbel noise (`gate_noise_scale=1`),
+  sampled decisions priced (`budget_decisions="sampled"`), the masked map as stage input (`stage_input="masked_map"`).
+  One seed per budget: a dense-grid run costs about 3x a sparse one on this machine.
+The dense-grid version of the package's recipe is in `study.py`'s committed results (3 seeds per budget).
+
+Every trained model is evaluated at its default operating point (threshold 0.5), along a fine threshold sweep (every
+threshold evaluated, no hidden steps) and along the exact-budget mode (`compute_budget` 0.5 ... 1.0).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from study import Validation, evaluate, load, run_all, static_gmacs, write_atomic
+
+
+HERE = Path(__file__).parent
+RECIPES = {  # the longest runs first: two run at a time
+    "paper": ["--gate_noise_scale", "1", "--budget_decisions", "sampled", "--stage_input", "masked_map"],
+    "sparse_long": ["--sparse_training", "true"],
+    "sparse": ["--sparse_training", "true"],
+}
+BUDGETS = {"sparse": [0.6, 0.8], "sparse_long": [0.6], "paper": [0.6, 0.8]}
+SEEDS = {"sparse": [0, 1, 2], "sparse_long": [0, 1, 2], "paper": [0]}
+THRESHOLDS = [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7]
+COMPUTE_BUDGETS = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+PVT_LR = 6e-4  # the best of study.py's PVTv2-b0 sweep (1.5e-4, 3e-4, 6e-4)
+
+
+def jobs(runs: Path, quick: bool) -> dict:
+    pvt = runs / "pvt_b0" / "phase-backbone" / "final"
+    result = {}
+    for recipe, extra in RECIPES.items():
+        joint = 540 if recipe == "sparse_long" else 180
+        length = ["--gate_only_max_steps", "90", "--max_steps", str(joint), "--learning_rate", "5e-4"]
+        if quick:
+            length = ["--gate_only_max_steps", "2", "--max_steps", "2"]
+        for budget in BUDGETS[recipe]:
+            for seed in SEEDS[recipe][:1] if quick else SEEDS[recipe]:
+                args = ["--model_name_or_path", str(pvt), "--budget_target", str(budget), "--budget_loss_weight", "10"]
+                args += [*length, "--gate_learning_rate", "1e-3", "--seed", str(seed), *extra]
+                result[f"{recipe}_b{budget}_s{seed}"] = (runs / f"{recipe}_b{budget}_s{seed}", args)
+    return result
+
+
+def evaluate_run(run_dir: Path, validation: Validation) -> dict:
+    model, processor = load(run_dir)
+    pixels, labels, static = validation.pixels(processor), validation.labels, model.static_macs() / 1e9
+    thresholds = {t: evaluate(model, pixels, labels, static, gate_threshold=t) for t in THRESHOLDS}
+    budgets = {b: evaluate(model, pixels, labels, static, compute_budget=b) for b in COMPUTE_BUDGETS}
+    train = json.loads((run_dir / "all_results.json").read_text())
+    return {"eval": thresholds[0.5], "thresholds": thresholds, "budgets": budgets,
+            "train_macs_fraction": train.get("train_macs_fraction"),
+            "seconds": json.loads((run_dir / "study_done.json").read_text())["seconds"]}  # fmt: skip
+
+
+def summarize(results: dict) -> list[dict]:
+    """Mean [min-max] over seeds per (recipe, budget), and the mean sweeps."""
+    rows = []
+    for recipe in RECIPES:
+        for budget in BUDGETS[recipe]:
+            runs = [r for name, r in results.items() if name.startswith(f"{recipe}_b{budget}_")]
+            if not runs:
+                continue
+            row = {"recipe": recipe, "budget": budget, "seeds": len(runs)}
+            for key in ("accuracy", "macs_fraction", "token_ratio"):
+                values = [r["eval"][key] for r in runs]
+                row[key], row[key + "_min"], row[key + "_max"] = float(np.mean(values)), min(values), max(values)
+            row["train_macs_fraction"] = float(np.mean([r["train_macs_fraction"] or np.nan for r in runs]))
+            row["train_minutes"] = float(np.mean([r["seconds"] for r in runs]) / 60)
+            for sweep in ("thresholds", "budgets"):
+                points = runs[0][sweep]
+                row[sweep] = {
+                    p: {k: float(np.mean([r[sweep][p][k] for r in runs])) for k in ("accuracy", "macs_fraction")}
+                    for p in points
+                }
+            rows.append(row)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", default=str(HERE / "dit_study"))
+    args = parser.parse_args()
+    started, out = time.time(), Path(args.output)
+    runs = out / "runs"
+    pvt_steps = ["--backbone_max_steps", "4"] if args.quick else ["--backbone_epochs", "10"]
+    pvt_args = ["--model_type", "dit_routing", "--pvt_variant", "b0", "--backbone_only", "true"]
+    pvt_run = run_all({"pvt": (runs / "pvt_b0", [*pvt_args, *pvt_steps, "--backbone_learning_rate", str(PVT_LR)])})
+    validation = Validation(args.quick)
+    pvt_path = pvt_run["pvt"] / "phase-backbone" / "final"
+    model, processor = load(pvt_path)
+    pvt = evaluate(model, validation.pixels(processor), validation.labels, static_gmacs(pvt_path))
+    dynamic_runs = run_all(jobs(runs, args.quick))
+    results = {name: evaluate_run(path, validation) for name, path in dynamic_runs.items()}
+    payload = {"quick": args.quick, "num_images": len(validation.labels), "pvt_b0": pvt, "runs": results,
+               "summary": summarize(results), "wall_seconds": time.time() - started}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.json", json.dumps(payload, indent=1))
+    write_atomic(out / "results.md", render(payload))
+    plot(payload, out / "knobs.png")
+    print((out / "results.md").read_text())
+
+
+def _span(row, key):
+    return f"{row[key]:.3f} [{row[key + '_min']:.3f}-{row[key + '_max']:.3f}]"
+
+
+def render(payload) -> str:
+    pvt = payload["pvt_b0"]
+    lines = [
+        f"Validation: {payload['num_images']} images of the built-in data (the split `study.py` reports; the recipe",
+        "was fixed before this run). Mean [min-max] over the seeds. Compute = GMACs per image as a fraction of",
+        f"PVTv2-b0's (the static route). Wall clock of the study: {payload['wall_seconds'] / 60:.0f} min"
+        + (" (quick smoke run: not for quoting)." if payload["quick"] else "."),
+        "",
+        f"PVTv2-b0 (static, lr {PVT_LR}, 10 epochs): accuracy {pvt['accuracy']:.3f} ± {pvt['accuracy_se']:.3f}.",
+        "",
+        "| recipe | budget | seeds | accuracy | vs PVTv2-b0 | compute (eval) | compute (train) | token keep (eval) "
+        "| train min / run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["summary"]:
+        lines.append(
+            f"| {row['recipe']} | {row['budget']} | {row['seeds']} | {_span(row, 'accuracy')} | "
+            f"{row['accuracy'] - pvt['accuracy']:+.3f} | {_span(row, 'macs_fraction')} | "
+            f"{row['train_macs_fraction']:.3f} | {_span(row, 'token_ratio')} | {row['train_minutes']:.1f} |"
+        )
+    for sweep, title in (("thresholds", "gate_threshold"), ("budgets", "compute_budget")):
+        lines += ["", f"**`{title}` sweep** (mean over seeds; accuracy / compute):", ""]
+        points = list(payload["summary"][0][sweep])
+        lines += ["| recipe, budget | " + " | ".join(str(p) for p in points) + " |", "|---|" + "---|" * len(points)]
+        for row in payload["summary"]:
+            cells = [f"{row[sweep][p]['accuracy']:.3f} / {row[sweep][p]['macs_fraction']:.2f}" for p in points]
+            lines.append(f"| {row['recipe']}, {row['budget']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    pvt = payload["pvt_b0"]
+    for ax, sweep, title in zip(axes, ("thresholds", "budgets"), ("gate_threshold", "compute_budget")):
+        ax.axhline(pvt["accuracy"], color="tab:green", linestyle=":", label="PVTv2-b0 (static)")
+        for row in payload["summary"]:
+            points = sorted(row[sweep].values(), key=lambda r: r["macs_fraction"])
+            ax.plot([p["macs_fraction"] for p in points], [p["accuracy"] for p in points], ".-",
+                    label=f"{row['recipe']}, trained at {row['budget']}")  # fmt: skip
+        ax.set_title(f"DiT-b0: {title} sweep")
+        ax.set_xlabel("compute vs PVTv2-b0")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("validation accuracy")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
