@@ -176,11 +176,6 @@ def random_gates_dit():
     return tiny_dit(seed=1, initializer_range=0.2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modeling_dit_routing.py pins the batch size: _TokenSelection.from_indices builds [count] * batch_size "
-    "and the MLP plan loops over images in Python",
-)
 def test_dit_compute_budget_exports_with_a_dynamic_batch():
     model = random_gates_dit()
     program = export_program(model, compute_budget=0.7)
@@ -188,13 +183,9 @@ def test_dit_compute_budget_exports_with_a_dynamic_batch():
     torch.testing.assert_close(program.module()(pixel_values), eager(model, pixel_values, compute_budget=0.7))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ExportCheckError,
-    reason="onnxruntime 1.32's MatmulTransposeFusion miscomputes `tokens @ vector` (a 1-D MatMul operand), the "
-    "row-gate score in DiTGate._open_logit: the budget mode ranks the wrong tokens",
-)
 def test_dit_compute_budget_onnx_at_a_fixed_batch_matches_pytorch(tmp_path):
+    """Also the regression test of onnxruntime 1.32's MatmulTransposeFusion, which miscomputed `tokens @ vector` (a
+    1-D MatMul operand) in the row-gate score: the budget mode then ranked the wrong tokens."""
     export_onnx(random_gates_dit(), tmp_path / "dit.onnx", compute_budget=0.7, dynamic_batch=False)
 
 

@@ -192,12 +192,6 @@ class DiTComputeBudgetExportTest(ExportTesterMixin, unittest.TestCase):
     def setUp(self):
         self.model_tester = DiTModelTester(self, compute_budget=0.8)
 
-    # The batch size is pinned at trace time: `_TokenSelection.from_indices` builds `[count] * batch_size` and the
-    # MLP plan loops over images in Python (modeling_dit_routing.py). Remove once the model exports a dynamic batch.
-    @unittest.expectedFailure
-    def test_torch_export(self):
-        super().test_torch_export()
-
 
 class DiTBackboneTest(BackboneTesterMixin, unittest.TestCase):
     all_model_classes = (DiTBackbone,)

@@ -243,7 +243,8 @@ class DiTGate(nn.Module):
     @staticmethod
     def _open_logit(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """`l1 - l0`, the logit of p(open), of the projection `features @ weight.T + bias` onto the two classes."""
-        return features @ (weight[1] - weight[0]) + (bias[1] - bias[0])
+        # a matrix-matrix product: onnxruntime's MatmulTransposeFusion miscomputes `transposed @ vector`
+        return (features @ (weight[1] - weight[0]).unsqueeze(-1)).squeeze(-1) + (bias[1] - bias[0])
 
     def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The EMA weights (float32), or the trained weights while no EMA update has happened yet."""
@@ -460,14 +461,16 @@ class _TokenSelection:
 
     @classmethod
     def every_token(cls, batch_size: int, num_tokens: int) -> "_TokenSelection":
-        return cls(batch_size, num_tokens, [num_tokens] * batch_size)
+        # while exporting, no per-image Python list: it would pin the batch size of the exported graph
+        return cls(batch_size, num_tokens, [] if torch.compiler.is_exporting() else [num_tokens] * batch_size)
 
     @classmethod
     def from_indices(cls, indices: torch.Tensor, num_tokens: int) -> "_TokenSelection":
         """The tokens `indices` `(batch, count)` of every image: the same count per image, so no padding."""
         batch_size, count = indices.shape
         read_index = indices + torch.arange(batch_size, device=indices.device)[:, None] * num_tokens
-        return cls(batch_size, num_tokens, [count] * batch_size, read_index, read_index.view(-1))
+        counts = [] if torch.compiler.is_exporting() else [count] * batch_size
+        return cls(batch_size, num_tokens, counts, read_index, read_index.view(-1))
 
     @classmethod
     def from_mask(cls, selected: torch.Tensor, counts: list[int]) -> "_TokenSelection":
@@ -485,6 +488,8 @@ class _TokenSelection:
         """`(channels, blocks)`: the MLP's intermediate channels are processed `channels` at a time, for the images of
         one block at a time, so that the block's intermediate map (`num_images * tokens * channels` floats) stays near
         `block_floats` (`None`: everything in one step). Cached: the blocks of a stage share it."""
+        if torch.compiler.is_exporting():  # one step over every image: a per-image Python loop would pin the batch
+            return width, [_FeedForwardBlock(slice(None), self.batch_size, self.packed_index)]
         if (width, block_floats) not in self._plans:
             limit = block_floats or width * self.num_tokens * self.batch_size
             divisors = [d for d in range(1, width + 1) if width % d == 0]
