@@ -374,6 +374,7 @@ def parse_args():
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-model peak memory processes")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--min-seconds", type=float, default=20.0, help="time each group at least this long")
     parser.add_argument("--output", default=None)
     return parser.parse_args()
 
@@ -451,7 +452,7 @@ def main():
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     timing = {"warmup": 1, "min_rounds": 3, "max_rounds": 3, "min_seconds": 0.0}
     if not args.quick:
-        timing = {"warmup": 2, "min_rounds": 7, "max_rounds": 60, "min_seconds": 20.0}
+        timing = {"warmup": 2, "min_rounds": 7, "max_rounds": 60, "min_seconds": args.min_seconds}
     base = dict(device=args.device, dtype=dtype, threads=args.threads, **timing)
     payload = {"machine": machine_description(device), "quick": args.quick, "sections": sections(args, base)}
     output = Path(args.output) if args.output else RESULTS / f"speed_{device.type}.json"
