@@ -345,9 +345,8 @@ def test_pipeline_and_trainer_see_only_logits(tmp_path):
 @pytest.mark.parametrize("stage_input", ["full_map", "masked_map"])
 def test_inference_paths_equal_the_dense_training_path(monkeypatch, block_floats, stage_input):
     """The inference stage (cache-blocked MLP: a few images and a slice of the intermediate channels at a time;
-    gathered
-    tokens) equals the plain dense path autograd uses, for every token and for a selection (fp32, 1e-5). A tiny block
-    size forces one image and a few channels per step."""
+    gathered tokens) equals the plain dense path autograd uses, for every token and for a selection (fp32, 1e-5). A
+    tiny block size forces one image and a few channels per step."""
     from hf_msvit.models.dit_routing import sparse_inference
 
     monkeypatch.setattr(sparse_inference, "FEED_FORWARD_BLOCK_FLOATS", block_floats)

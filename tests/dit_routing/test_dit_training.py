@@ -197,8 +197,7 @@ def test_deterministic_budget_prices_what_inference_computes():
 
 def test_stage_cost_is_exact_forward_and_learns_whole_stages_off():
     """Eq. 5 with a gradient for the per-image part: its value is the exact indicator "any token computed", its
-    gradient
-    that of the fraction of tokens computed, so pushing a stage's tokens down can switch the whole stage off."""
+    gradient that of the fraction of tokens computed, so pushing a stage's tokens down can turn the whole stage off."""
     config = tiny_config()
     sizes = scale_sizes(config, 64, 64)
     height, width = sizes[0]

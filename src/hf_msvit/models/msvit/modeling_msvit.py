@@ -123,6 +123,8 @@ class MSViTImageClassifierOutput(MSViTGateOutput, ImageClassifierOutput):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
         Classification loss plus `config.gbas_loss_weight * gate_loss`.
+    logits (`torch.FloatTensor` of shape `(batch_size, config.num_labels)`):
+        Classification scores (before SoftMax).
     """
 
 
