@@ -53,7 +53,14 @@ DIT = Family(
     # a partly routed model (every gate at p=0.5, strong init): the sparse paths run remotely too
     build=lambda: tiny_dit(gate_init_compute_prob=0.5, initializer_range=0.2),
     code_files=frozenset(
-        {"configuration_dit_routing.py", "modeling_dit_routing.py", "convert_pvt_v2_to_dit_routing.py"}
+        {
+            "configuration_dit_routing.py",
+            "modeling_dit_routing.py",
+            "layers.py",
+            "routing.py",
+            "sparse_inference.py",
+            "convert_pvt_v2_to_dit_routing.py",
+        }
     ),
     auto_map={
         "AutoConfig": "configuration_dit_routing.DiTConfig",

@@ -7,7 +7,8 @@ from _dit_tiny import build, pixels
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from hf_msvit import DiTConfig, DiTForImageClassification
-from hf_msvit.models.dit_routing.modeling_dit_routing import DiTGate, compute_budget_tokens, dit_route_macs
+from hf_msvit.models.dit_routing.layers import DiTGate
+from hf_msvit.models.dit_routing.routing import compute_budget_tokens, dit_route_macs
 
 
 @pytest.mark.parametrize("variant, size", [("b0", 96), ("b1", 224), ("b2", 224)])
@@ -22,10 +23,11 @@ def test_planned_tokens_cost_the_budget_within_two_percent(variant, size):
 
 def _analytic_cost(config, size, tokens):
     """The static route's cost minus the skipped tokens' per-token MACs, plus the row gates that rank them."""
-    from hf_msvit.models.dit_routing.modeling_dit_routing import DiTBlockLayer, _scale_sizes
+    from hf_msvit.models.dit_routing.layers import DiTBlockLayer
+    from hf_msvit.models.dit_routing.routing import scale_sizes
 
     cost = dit_route_macs(config, size, size, "static")
-    for scale, ((height, width), count) in enumerate(zip(_scale_sizes(config, size, size), tokens)):
+    for scale, ((height, width), count) in enumerate(zip(scale_sizes(config, size, size), tokens)):
         if count < height * width:
             per_token = DiTBlockLayer.macs(config, scale, height, width)[1]
             cost += -config.depths[scale] * (height * width - count) * per_token

@@ -129,8 +129,7 @@ def test_static_route_is_exact_on_a_wider_grid(pvt_checkpoint):
 
 def test_upcycled_dynamic_model_starts_exactly_on_the_pvt_v2_route(pvt_checkpoint):
     """Default upcycling (`gate_init="static_route"`): at step 0 the dynamic model is PVTv2 (logits, route) at 1.00x
-    the
-    static cost (its gates add the rest)."""
+    the static cost (its gates add the rest)."""
     pvt, _ = pvt_checkpoint
     dit = DiTForImageClassification.from_pvt_v2_pretrained(pvt)
     assert dit.config.routing_mode == "dynamic" and dit.config.gate_init == "static_route"

@@ -7,7 +7,8 @@ from _dit_tiny import build, pixels, tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_msvit import DiTBackbone, DiTConfig, DiTModel
-from hf_msvit.models.dit_routing.modeling_dit_routing import DiTGate, DiTStage, dit_route_macs
+from hf_msvit.models.dit_routing.layers import DiTGate, DiTStage
+from hf_msvit.models.dit_routing.routing import dit_route_macs
 
 
 @pytest.mark.parametrize(
@@ -344,12 +345,11 @@ def test_pipeline_and_trainer_see_only_logits(tmp_path):
 @pytest.mark.parametrize("stage_input", ["full_map", "masked_map"])
 def test_inference_paths_equal_the_dense_training_path(monkeypatch, block_floats, stage_input):
     """The inference stage (cache-blocked MLP: a few images and a slice of the intermediate channels at a time;
-    gathered
-    tokens) equals the plain dense path autograd uses, for every token and for a selection (fp32, 1e-5). A tiny block
-    size forces one image and a few channels per step."""
-    from hf_msvit.models.dit_routing import modeling_dit_routing
+    gathered tokens) equals the plain dense path autograd uses, for every token and for a selection (fp32, 1e-5). A
+    tiny block size forces one image and a few channels per step."""
+    from hf_msvit.models.dit_routing import sparse_inference
 
-    monkeypatch.setattr(modeling_dit_routing, "_FEED_FORWARD_BLOCK_FLOATS", block_floats)
+    monkeypatch.setattr(sparse_inference, "FEED_FORWARD_BLOCK_FLOATS", block_floats)
     config = tiny_config(stage_input=stage_input, mlp_ratios=[4, 4, 4, 4], depths=[2, 2, 2, 2])
     stage = DiTModel(config).grid[1][0].eval()
     hidden = torch.randn(3, 64, config.hidden_sizes[1], generator=torch.Generator().manual_seed(0))
@@ -362,5 +362,5 @@ def test_inference_paths_equal_the_dense_training_path(monkeypatch, block_floats
             fast = stage(hidden, 8, 8) if mask is None else stage.forward_selected(hidden, 8, 8, mask)
             torch.testing.assert_close(fast, reference.detach(), atol=1e-5, rtol=1e-5)
     if block_floats == 64:
-        channels, blocks = modeling_dit_routing._TokenSelection.every_token(3, 64).feed_forward_plan(64, 64)
+        channels, blocks = sparse_inference.TokenSelection.every_token(3, 64).feed_forward_plan(64, 64)
         assert channels < 64 and len(blocks) == 3  # really blocked

@@ -11,12 +11,8 @@ import torch
 from _dit_tiny import build, pixels, tiny_config
 
 from hf_msvit import DiTForImageClassification
-from hf_msvit.models.dit_routing.modeling_dit_routing import (
-    DiTBlockLayer,
-    _RouteLedger,
-    _scale_sizes,
-    dit_route_macs,
-)
+from hf_msvit.models.dit_routing.layers import DiTBlockLayer
+from hf_msvit.models.dit_routing.routing import RouteLedger, dit_route_macs, scale_sizes
 
 
 def test_budget_loss_is_folded_into_loss_and_reaches_every_gate():
@@ -208,19 +204,18 @@ def test_deterministic_budget_prices_what_inference_computes():
 
 def test_stage_cost_is_exact_forward_and_learns_whole_stages_off():
     """Eq. 5 with a gradient for the per-image part: its value is the exact indicator "any token computed", its
-    gradient
-    that of the fraction of tokens computed, so pushing a stage's tokens down can switch the whole stage off."""
+    gradient that of the fraction of tokens computed, so pushing a stage's tokens down can turn the whole stage off."""
     config = tiny_config()
-    sizes = _scale_sizes(config, 64, 64)
+    sizes = scale_sizes(config, 64, 64)
     height, width = sizes[0]
     per_image, per_token = DiTBlockLayer.macs(config, 0, height, width)
     for kept in (height * width, 3, 0):
         decisions = torch.zeros(1, height * width)
         decisions[0, :kept] = 1
         decisions.requires_grad_(True)
-        ledger = _RouteLedger(config, sizes, torch.zeros(1))
-        ledger.reach_node(0, 0)
-        ledger.bill_stage(0, 0, decisions)
+        ledger = RouteLedger(config, sizes, torch.zeros(1))
+        ledger.record_reach(0, 0)
+        ledger.record_stage(0, 0, decisions)
         expected = config.depths[0] * ((kept > 0) * per_image + kept * per_token)
         assert ledger.macs.item() == expected
         ledger.macs.sum().backward()

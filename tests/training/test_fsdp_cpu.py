@@ -1,6 +1,5 @@
 """FSDP2 on CPU: MSViT and DiT sharded with `fully_shard` train in two processes (torchrun, gloo) as one process does
-on
-the global batch, with ranks that route differently on purpose.
+on the global batch, with ranks that route differently on purpose.
 
 One torchrun launch (fsdp_worker.py) runs every distributed scenario; this module compares its per-rank reports with a
 single-process reference computed here from the same models, data and steps (_fsdp_scenarios.py). Accelerate 1.15 does

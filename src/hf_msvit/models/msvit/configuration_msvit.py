@@ -48,6 +48,23 @@ def _pair(value) -> tuple[int, int]:
     return int(value), int(value)
 
 
+def vit_layer_macs(config, num_tokens):
+    """MACs of one ViT layer on a sequence of `num_tokens` tokens: q/k/v/o projections, attention scores and weighted
+    sum, MLP. (Norms, activations and residuals are not multiply-accumulates of matrices.)"""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    return num_tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * num_tokens * num_tokens * hidden
+
+
+def vit_macs(config, num_patches: int, with_pooler: bool = False) -> int:
+    """MACs per image of a static ViT (transformers' `ViTModel`, or MSViT with a fixed tokenization) embedding and
+    encoding `num_patches` patches of `config.patch_size` plus CLS. With `vit_layer_macs`, the one ViT MAC formula of
+    the package (here, below the modeling file, because the config sizes its gate with it)."""
+    embedding = num_patches * config.num_channels * config.patch_size**2 * config.hidden_size
+    encoder = config.num_hidden_layers * vit_layer_macs(config, num_patches + 1)
+    pooler = config.hidden_size * getattr(config, "pooler_output_size", config.hidden_size) if with_pooler else 0
+    return int(embedding + encoder + pooler)
+
+
 @auto_docstring(checkpoint="hf-msvit/msvit-small-patch16-224")
 @strict
 class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
@@ -215,6 +232,36 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
 
     def validate_architecture(self):
         """Checks that the values fit together; raises `ValueError` naming the field to fix."""
+        self._validate_shape()
+        for name, choices in (
+            ("gate_input", GATE_INPUTS),
+            ("token_batching", TOKEN_BATCHING_MODES),
+            ("gbas_input", GBAS_INPUTS),
+            ("gate_training_mode", GATE_TRAINING_MODES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
+        learned_temperature_ok = not self.gbas_learn_prior_temperature or self.gbas_prior_temperature < 1
+        checks = (
+            ("gate_num_layers", self.gate_num_layers >= 1, "positive"),
+            ("gate_hidden_size", self.gate_hidden_size >= 1, "positive"),
+            ("gbas_prior_temperature", self.gbas_prior_temperature > 0, "positive"),
+            ("gbas_prior_temperature", learned_temperature_ok, "below 1 when learned"),
+            ("gate_calibration_momentum", 0 <= self.gate_calibration_momentum < 1, "in [0, 1)"),
+            ("gate_cost_fraction", 0 < self.gate_cost_fraction < 1, "in (0, 1)"),
+            ("gate_threshold", 0.0 <= self.gate_threshold <= 1.0, "in [0, 1]"),
+            ("gbas_target_ratio", 0.0 < self.gbas_target_ratio < 1.0, "in (0, 1)"),
+            ("gbas_hyperprior_std", self.gbas_hyperprior_std > 0, "positive"),
+            ("gumbel_temperature", self.gumbel_temperature > 0, "positive"),
+            ("bucket_overhead_tokens", self.bucket_overhead_tokens >= 0, ">= 0"),
+        )
+        for name, valid, wanted in checks:
+            if not valid:
+                raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)}.")
+        if self.fine_region_budget is not None:
+            self.check_fine_region_budget(self.fine_region_budget)
+
+    def _validate_shape(self):
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -236,39 +283,6 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
                 f"image_size ({height}x{width}) must be divisible by coarse_patch_size ({self.coarse_patch_size}); "
                 f"use an image size that is a multiple of {self.coarse_patch_size}."
             )
-        if self.gate_input not in GATE_INPUTS:
-            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}.")
-        if self.token_batching not in TOKEN_BATCHING_MODES:
-            raise ValueError(f"token_batching must be one of {TOKEN_BATCHING_MODES}, got {self.token_batching!r}.")
-        if self.gate_num_layers < 1 or self.gate_hidden_size < 1:
-            raise ValueError("gate_num_layers and gate_hidden_size must be positive.")
-        for name, value, choices in (
-            ("gbas_input", self.gbas_input, GBAS_INPUTS),
-            ("gate_training_mode", self.gate_training_mode, GATE_TRAINING_MODES),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-        if not self.gbas_prior_temperature > 0 or (
-            self.gbas_learn_prior_temperature and self.gbas_prior_temperature >= 1
-        ):
-            raise ValueError(
-                f"gbas_prior_temperature must be positive (and below 1 when learned), got "
-                f"{self.gbas_prior_temperature}."
-            )
-        if not 0 <= self.gate_calibration_momentum < 1:
-            raise ValueError(f"gate_calibration_momentum must lie in [0, 1), got {self.gate_calibration_momentum}.")
-        if not 0 < self.gate_cost_fraction < 1:
-            raise ValueError(f"gate_cost_fraction must lie in (0, 1), got {self.gate_cost_fraction}.")
-        if self.fine_region_budget is not None:
-            self.check_fine_region_budget(self.fine_region_budget)
-        if not 0.0 <= self.gate_threshold <= 1.0:
-            raise ValueError(f"gate_threshold must lie in [0, 1], got {self.gate_threshold}.")
-        if not 0.0 < self.gbas_target_ratio < 1.0:
-            raise ValueError(f"gbas_target_ratio must lie in (0, 1), got {self.gbas_target_ratio}.")
-        if self.gbas_hyperprior_std <= 0 or self.gumbel_temperature <= 0:
-            raise ValueError("gbas_hyperprior_std and gumbel_temperature must be positive.")
-        if self.bucket_overhead_tokens < 0:
-            raise ValueError(f"bucket_overhead_tokens must be >= 0, got {self.bucket_overhead_tokens}.")
 
     def check_fine_region_budget(self, budget) -> None:
         """Raises `ValueError` unless `budget` is a region count (`int`, 0..regions) or a fraction (`float`, 0..1)."""
@@ -285,10 +299,8 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
         """The widest gate MLP (8..256) whose MACs per region stay within `gate_cost_fraction` of what the static ViT
         spends per region (embedding + encoder), for the configured `gate_input` and `gate_num_layers`."""
         fine_h, fine_w = self.fine_grid
-        tokens = fine_h * fine_w + 1
-        hidden, intermediate = self.hidden_size, self.intermediate_size
-        layer = tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * tokens * tokens * hidden
-        static = self.num_hidden_layers * layer + (tokens - 1) * self.num_channels * self.patch_size**2 * hidden
+        static = vit_macs(self, fine_h * fine_w)
+        hidden = self.hidden_size
         coarse_h, coarse_w = self.coarse_grid
         budget = self.gate_cost_fraction * static / (coarse_h * coarse_w)
         in_features = self.num_channels * self.coarse_patch_size**2 if self.gate_input == "pixels" else hidden

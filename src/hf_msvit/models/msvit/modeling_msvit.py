@@ -20,6 +20,7 @@ as its fine tokens. Only the CLS token and the selected tokens are embedded and 
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +38,19 @@ from transformers.modeling_outputs import (
 )
 from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTPooler
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, auto_docstring
+from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .batch_shaping import GeneralizedBatchShaping, gather_across_processes
-from .configuration_msvit import MSViTConfig
+from .configuration_msvit import MSViTConfig, vit_layer_macs, vit_macs
 from .convert_vit_to_msvit import convert_vit_to_msvit
+
+
+# The config fields whose values fork this file (`transformers-mlinter` TRF041); `MSViTConfig`'s docstring says which
+# checkpoints take each value.
+# trf-ignore: TRF041 config.gate_input, config.gate_training_mode
+# trf-ignore: TRF041 config.gbas_input, config.gbas_gather_across_processes
 
 
 @auto_docstring
@@ -80,14 +87,14 @@ class MSViTModelOutput(BaseModelOutputWithPooling):
     macs: torch.FloatTensor | None = None
 
 
+# The gate outputs of every MSViT head (classifier, segmenter, backbone): one definition.
 @auto_docstring
 @dataclass
-class MSViTImageClassifierOutput(ImageClassifierOutput):
+class MSViTGateOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
-        Classification loss plus `config.gbas_loss_weight * gate_loss`.
     gate_loss (`torch.FloatTensor` of shape `()`, *optional*):
-        Generalized batch-shaping loss of the gate values of this batch (only when the gate ran).
+        Generalized batch-shaping loss of the gate values of this batch (only when the gate ran); heads with a loss
+        add `config.gbas_loss_weight * gate_loss` to it.
     gate_probs (`torch.FloatTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
         Probability, per coarse region, that the gate tokenizes it fine (only when the gate ran).
     fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`):
@@ -95,7 +102,9 @@ class MSViTImageClassifierOutput(ImageClassifierOutput):
     num_tokens (`torch.LongTensor` of shape `(batch_size,)`):
         Tokens of the chosen tokenization per image: CLS + coarse + fine.
     macs (`torch.FloatTensor` of shape `(batch_size,)`):
-        Multiply-accumulates of the chosen tokenization per image (analytic, classifier included).
+        Multiply-accumulates of the chosen tokenization per image (analytic: gate, patch embedding, encoder, and the
+        head: the classifier, or the linear decoder on the encoder's tokens; the bilinear upsampling of segmentation
+        logits is not counted).
     attention_mask (`torch.LongTensor` of shape `(batch_size, max_num_tokens)`):
         1 for the (kept) tokens of each image, 0 for padding (aligned with `hidden_states`).
     """
@@ -108,6 +117,17 @@ class MSViTImageClassifierOutput(ImageClassifierOutput):
     attention_mask: torch.LongTensor | None = None
 
 
+@auto_docstring
+@dataclass
+class MSViTImageClassifierOutput(MSViTGateOutput, ImageClassifierOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
+        Classification loss plus `config.gbas_loss_weight * gate_loss`.
+    logits (`torch.FloatTensor` of shape `(batch_size, config.num_labels)`):
+        Classification scores (before SoftMax).
+    """
+
+
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     """`(batch, C, H, W)` -> `(batch, num_patches, C * patch_size**2)`, patches in raster order, each flattened in the
     `(C, p, p)` order of a `Conv2d` kernel."""
@@ -118,18 +138,9 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def expand_region_mask(region_mask: torch.Tensor, ratio: int) -> torch.Tensor:
-    """`(batch, Hc, Wc)` -> `(batch, Hc * ratio * Wc * ratio)`: each region's value on its fine patches, raster
+    """`(batch, Hc, Wc)` -> `(batch, Hc * ratio * Wc * ratio)`: each region's value on its fine patches, in raster
     order."""
     return region_mask.repeat_interleave(ratio, dim=1).repeat_interleave(ratio, dim=2).flatten(1)
-
-
-def vit_macs(config, num_patches: int, with_pooler: bool = False) -> int:
-    """MACs per image of a static ViT (transformers' `ViTModel`, or MSViT with a fixed tokenization) embedding and
-    encoding `num_patches` patches of `config.patch_size` plus CLS. The one ViT MAC formula of the package."""
-    embedding = num_patches * config.num_channels * config.patch_size**2 * config.hidden_size
-    encoder = config.num_hidden_layers * MSViTLayer.macs(config, num_patches + 1)
-    pooler = config.hidden_size * getattr(config, "pooler_output_size", config.hidden_size) if with_pooler else 0
-    return int(embedding + encoder + pooler)
 
 
 class MSViTPatchEmbeddings(nn.Module):
@@ -156,8 +167,7 @@ class MSViTPatchEmbeddings(nn.Module):
 
 class OneElementLogitBias(ConversionOps):
     """Loads the gate's `logit_bias` as a 1-element tensor: checkpoints written before FSDP2 support (which cannot
-    shard
-    0-dim parameters) stored it as a scalar. Its own reverse: new checkpoints keep the 1-element shape."""
+    shard 0-dim parameters) stored it as a scalar. Its own reverse: new checkpoints keep the 1-element shape."""
 
     def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
         tensors = next(iter(input_dict.values()))
@@ -183,8 +193,7 @@ register_checkpoint_conversion_mapping(
 )
 
 
-@dataclass
-class GateDecisions:  # trf-ignore: TRF031 an internal hand-off between modules, not a model output
+class GateDecisions(NamedTuple):
     """Which regions are tokenized fine, and what the gate said.
 
     `fine` `(batch, regions)` bool is the decision. When the gate ran: `probs` are `sigmoid(logits)`, `values` the
@@ -221,7 +230,7 @@ def top_k_regions(probs: torch.Tensor, budget: int | float) -> torch.Tensor:
 
 
 @dataclass
-class MSViTTokens:  # trf-ignore: TRF031 an internal hand-off between modules, not a model output
+class MSViTTokens:
     """What the embeddings hand to the encoder: `tokens` `(batch, max_tokens, hidden)` (CLS not included).
 
     Selected layout (inference, and straight-through training): each image's kept coarse tokens then its kept fine
@@ -241,12 +250,12 @@ class MSViTTokens:  # trf-ignore: TRF031 an internal hand-off between modules, n
 
 
 class MSViTGate(nn.Module):
-    """The region gate: an MLP scoring each coarse region; `sigmoid(score)` is the probability of tokenizing it
+    """The region gate: an MLP scoring each coarse region; `sigmoid(score)` is the probability of tokenizing the region
     fine."""
 
     def __init__(self, config: MSViTConfig):
         super().__init__()
-        # CODEPATH: "pixels" (default, every released config) scores raw regions; "embeddings" the coarse tokens.
+        # "pixels" (default, every released config) scores raw regions; "embeddings" the coarse tokens.
         if config.gate_input == "pixels":
             in_features = config.num_channels * config.coarse_patch_size**2
         else:
@@ -327,21 +336,20 @@ class MSViTEmbeddings(nn.Module):
     def decide(self, pixel_values, coarse_embeddings, threshold, budget) -> GateDecisions:
         """Runs the gate on every coarse region and decides which are tokenized fine."""
         config = self.config
-        # CODEPATH: "pixels" (default) scores the raw regions; "embeddings" the coarse token embeddings.
         if config.gate_input == "pixels":
             gate_inputs = patchify(pixel_values, config.coarse_patch_size)
         else:
             gate_inputs = coarse_embeddings
         logits = self.gate(gate_inputs)
         batch_logits = None
-        # CODEPATH: multi-process training computes the level on the global batch (off by default).
+        # multi-process training computes the level on the global batch (off by default)
         if self.training and config.gbas_gather_across_processes:
             batch_logits = gather_across_processes(logits.detach())
         logits = self.gate.calibrate(logits, batch_logits)
         probs = torch.sigmoid(logits)
         if self.training:
             soft, values = sample_gate(logits, config.gumbel_temperature, threshold)
-            # CODEPATH: GBaS shapes the gate probabilities (default) or, as the paper's wording reads, the samples.
+            # GBaS shapes the gate probabilities (default) or, as the paper's wording reads, the samples.
             gbas_input = probs if config.gbas_input == "probs" else soft
             return GateDecisions(fine=values.detach() > 0.5, probs=probs, values=values, gbas_input=gbas_input)
         fine = probs >= threshold if budget is None else top_k_regions(probs, budget)
@@ -363,13 +371,13 @@ class MSViTEmbeddings(nn.Module):
             fine = fine_region_mask.reshape(batch_size, -1).to(device=pixel_values.device, dtype=torch.bool)
             decisions = GateDecisions(fine=fine)
         else:
-            # CODEPATH: "embeddings" gates embed the coarse token of every region first (reused below).
+            # "embeddings" gates embed the coarse token of every region first (reused below)
             if config.gate_input == "embeddings":
                 coarse_embeddings = self.patch_embeddings(coarse_patches)
             threshold = config.gate_threshold if gate_threshold is None else gate_threshold
             decisions = self.decide(pixel_values, coarse_embeddings, threshold, fine_region_budget)
         cls = self.cls_token[0, 0] + self.position_embeddings[0, 0]
-        # CODEPATH: masked-attention training (default) keeps both tokenizations; otherwise only the selected tokens.
+        # masked-attention training (default) keeps both tokenizations; otherwise only the selected tokens
         if decisions.values is not None and config.gate_training_mode == "masked_attention":
             return self._embed_all(pixel_values, coarse_patches, coarse_embeddings, decisions, cls)
         uniform_length = None
@@ -387,7 +395,7 @@ class MSViTEmbeddings(nn.Module):
         keep_fine = expand_region_mask(decisions.fine.reshape(batch_size, coarse_h, coarse_w), self.ratio)
         keep = torch.cat([~decisions.fine, keep_fine], dim=1)
         lengths = keep.sum(dim=1)
-        # trf-ignore: TRF056 the token count is data-dependent by design (known in advance with a budget)
+        # the token count is data-dependent by design (known in advance with a budget)
         max_length = uniform_length if uniform_length is not None else int(lengths.max())
         # Kept-first, raster order within each group: the smallest `max_length` of unique keys (no stable sort, which
         # ONNX lacks: `aten.sort.stable` has no ONNX function).
@@ -432,7 +440,6 @@ class MSViTEmbeddings(nn.Module):
     def _num_embedded(self, decisions: GateDecisions, lengths: torch.Tensor) -> torch.Tensor:
         """Patches embedded per image: the tokens, plus every region's coarse token when the gate ran on coarse
         embeddings (embedded for the gate, then the kept ones again with the tokens)."""
-        # CODEPATH: "embeddings" gates (opt-in) embed every region's coarse token; "pixels" gates (default) do not.
         if self.config.gate_input == "embeddings" and decisions.probs is not None:
             return lengths + decisions.fine.shape[1]
         return lengths
@@ -500,10 +507,8 @@ class MSViTLayer(ViTLayer):
 
     @staticmethod
     def macs(config, num_tokens):
-        """MACs of one layer on a sequence of `num_tokens` tokens: q/k/v/o projections, attention scores and
-        weighted sum, MLP. (Norms, activations and residuals are not multiply-accumulates of matrices.)"""
-        hidden, intermediate = config.hidden_size, config.intermediate_size
-        return num_tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * num_tokens * num_tokens * hidden
+        """MACs of one layer on a sequence of `num_tokens` tokens (`vit_layer_macs`)."""
+        return vit_layer_macs(config, num_tokens)
 
 
 def partition_by_length(lengths: list[int], mode: str, overhead_tokens: int) -> list[list[int]]:
@@ -573,6 +578,27 @@ class MSViTPreTrainedModel(PreTrainedModel):
                 temperature = self.config.gbas_prior_temperature
                 init.constant_(module.prior_temperature_logits, math.log(temperature / (1.0 - temperature)))
 
+    def _fold_gate_loss(self, task_loss: torch.Tensor, outputs: "MSViTModelOutput") -> torch.Tensor:
+        """A head's loss: its task loss plus `config.gbas_loss_weight * gate_loss` (when the gate ran)."""
+        if outputs.gate_loss is None:
+            return task_loss
+        return task_loss + self.config.gbas_loss_weight * outputs.gate_loss
+
+    @staticmethod
+    def _gate_outputs(outputs: "MSViTModelOutput", macs: torch.Tensor) -> dict:
+        """The fields a head passes through from the base model's `outputs` (`MSViTGateOutput`, hidden states,
+        attentions), with `macs` the head's total."""
+        return {
+            "hidden_states": outputs.hidden_states,
+            "attentions": outputs.attentions,
+            "gate_loss": outputs.gate_loss,
+            "gate_probs": outputs.gate_probs,
+            "fine_region_mask": outputs.fine_region_mask,
+            "num_tokens": outputs.num_tokens,
+            "macs": macs,
+            "attention_mask": outputs.attention_mask,
+        }
+
     @classmethod
     def from_vit_pretrained(cls, vit, **config_overrides):
         """Upcycles a ViT checkpoint into this class: every backbone weight is reused, only the gate is new.
@@ -621,12 +647,12 @@ class MSViTModel(MSViTPreTrainedModel):
             mask = sequence.new_ones(batch_size, max_tokens + 1, dtype=torch.long)
             return self._run_layers(sequence, None, None, **kwargs), mask
         attention_mask = torch.arange(max_tokens + 1, device=sequence.device)[None, :] <= tokens.lengths[:, None]
-        # CODEPATH: "pack" (measured slower on CPU, kept selectable) concatenates every image into one sequence.
+        # "pack" (measured slower on CPU, kept selectable) concatenates every image into one sequence
         if mode == "pack":
             image_ids = torch.arange(batch_size, device=sequence.device)[:, None].expand_as(attention_mask)
             packed = self._run_layers(sequence[attention_mask][None], None, image_ids[attention_mask][None], **kwargs)
             return sequence.new_zeros(sequence.shape).index_put((attention_mask,), packed[0]), attention_mask.long()
-        lengths = tokens.lengths.tolist()  # trf-ignore: TRF056 groups are chosen on the host
+        lengths = tokens.lengths.tolist()  # groups are chosen on the host
         groups = partition_by_length(lengths, mode, self.config.bucket_overhead_tokens)
         output = sequence.new_zeros(sequence.shape) if len(groups) > 1 else None
         for group in groups:
@@ -700,7 +726,7 @@ class MSViTModel(MSViTPreTrainedModel):
         if decisions.gbas_input is None:
             return None
         gate_values = decisions.gbas_input
-        # CODEPATH: multi-process training with the GBaS statistics of the global batch (off by default).
+        # multi-process training with the GBaS statistics of the global batch (off by default)
         if self.config.gbas_gather_across_processes and self.training:
             gate_values = gather_across_processes(gate_values)
         return self.batch_shaping(gate_values)
@@ -846,37 +872,24 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         (torch.Size([2, 7, 7]), torch.Size([2]), torch.Size([2]))
         ```
         """
+        # `return_dict=True`: with `config.return_dict=False` the base model would return a tuple to the head too.
         outputs: MSViTModelOutput = self.msvit(
             pixel_values,
             fine_region_mask=fine_region_mask,
             gate_threshold=gate_threshold,
             fine_region_budget=fine_region_budget,
+            return_dict=True,
             **kwargs,
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
-            if outputs.gate_loss is not None:
-                loss = loss + self.config.gbas_loss_weight * outputs.gate_loss
-
+            loss = self._fold_gate_loss(self.loss_function(labels, logits, self.config, **kwargs), outputs)
         macs = outputs.macs
         if isinstance(self.classifier, nn.Linear):
             macs = macs + self.classifier.weight.numel()
-
-        return MSViTImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            gate_loss=outputs.gate_loss,
-            gate_probs=outputs.gate_probs,
-            fine_region_mask=outputs.fine_region_mask,
-            num_tokens=outputs.num_tokens,
-            macs=macs,
-            attention_mask=outputs.attention_mask,
-        )
+        return MSViTImageClassifierOutput(loss=loss, logits=logits, **self._gate_outputs(outputs, macs))
 
     def static_macs(self, fine: bool = True) -> float:
         """MACs per image of the static ViT (`fine=True`) or of the coarse-only tokenization, head included."""
@@ -886,34 +899,14 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
 
 @auto_docstring
 @dataclass
-class MSViTSemanticSegmenterOutput(SemanticSegmenterOutput):
+class MSViTSemanticSegmenterOutput(MSViTGateOutput, SemanticSegmenterOutput):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
         Per-pixel cross-entropy (pixels labelled `config.semantic_loss_ignore_index` ignored) plus
         `config.gbas_loss_weight * gate_loss`.
     logits (`torch.FloatTensor` of shape `(batch_size, config.num_labels, height, width)`):
         Class scores per pixel, at the input size.
-    gate_loss (`torch.FloatTensor` of shape `()`, *optional*):
-        Generalized batch-shaping loss of the gate values of this batch (only when the gate ran).
-    gate_probs (`torch.FloatTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
-        Probability, per coarse region, that the gate tokenizes it fine (only when the gate ran).
-    fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`):
-        The decision taken: True where the region entered the encoder as fine tokens.
-    num_tokens (`torch.LongTensor` of shape `(batch_size,)`):
-        Tokens of the chosen tokenization per image: CLS + coarse + fine.
-    macs (`torch.FloatTensor` of shape `(batch_size,)`):
-        Multiply-accumulates of the chosen tokenization per image (analytic): encoder, gate and the linear decoder on
-        the encoder's tokens. The bilinear upsampling of the logits to the input size is not counted.
-    attention_mask (`torch.LongTensor` of shape `(batch_size, max_num_tokens)`):
-        1 for the (kept) tokens of each image, 0 for padding (aligned with `hidden_states`).
     """
-
-    gate_loss: torch.FloatTensor | None = None
-    gate_probs: torch.FloatTensor | None = None
-    fine_region_mask: torch.BoolTensor | None = None
-    num_tokens: torch.LongTensor | None = None
-    macs: torch.FloatTensor | None = None
-    attention_mask: torch.LongTensor | None = None
 
 
 @auto_docstring(
@@ -973,11 +966,13 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
             raise ValueError(
                 f"Semantic segmentation needs at least 2 labels, the config has {self.config.num_labels}."
             )
+        # `return_dict=True`: with `config.return_dict=False` the base model would return a tuple to the head too.
         outputs: MSViTModelOutput = self.msvit(
             pixel_values,
             fine_region_mask=fine_region_mask,
             gate_threshold=gate_threshold,
             fine_region_budget=fine_region_budget,
+            return_dict=True,
             **kwargs,
         )
         token_logits = self.decode_head(outputs.last_hidden_state)
@@ -986,22 +981,10 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, ignore_index=self.config.semantic_loss_ignore_index)
-            if outputs.gate_loss is not None:
-                loss = loss + self.config.gbas_loss_weight * outputs.gate_loss
-
-        return MSViTSemanticSegmenterOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            gate_loss=outputs.gate_loss,
-            gate_probs=outputs.gate_probs,
-            fine_region_mask=outputs.fine_region_mask,
-            num_tokens=outputs.num_tokens,
-            macs=outputs.macs + (outputs.num_tokens - 1) * self.decode_head.weight.numel(),
-            attention_mask=outputs.attention_mask,
-        )
+            task_loss = self.loss_function(logits, labels, ignore_index=self.config.semantic_loss_ignore_index)
+            loss = self._fold_gate_loss(task_loss, outputs)
+        macs = outputs.macs + (outputs.num_tokens - 1) * self.decode_head.weight.numel()
+        return MSViTSemanticSegmenterOutput(loss=loss, logits=logits, **self._gate_outputs(outputs, macs))
 
     def static_macs(self, fine: bool = True) -> float:
         """MACs per image of the static ViT (`fine=True`) or of the coarse-only tokenization, decoder included."""
@@ -1026,33 +1009,13 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
 
 @auto_docstring
 @dataclass
-class MSViTBackboneOutput(BackboneOutput):
+class MSViTBackboneOutput(MSViTGateOutput, BackboneOutput):
     r"""
     feature_maps (`tuple(torch.FloatTensor)`):
         One map per `out_features` layer, `(batch_size, hidden_size, image_height / patch_size, image_width /
         patch_size)`: the layer's tokens after the final layer norm, on the fine patch grid (a coarse token fills its
         region).
-    gate_loss (`torch.FloatTensor` of shape `()`, *optional*):
-        Generalized batch-shaping loss of the gate values of this batch (only when the gate ran); add
-        `config.gbas_loss_weight * gate_loss` to the task loss.
-    gate_probs (`torch.FloatTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
-        Probability, per coarse region, that the gate tokenizes it fine (only when the gate ran).
-    fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`):
-        The decision taken: True where the region entered the encoder as fine tokens.
-    num_tokens (`torch.LongTensor` of shape `(batch_size,)`):
-        Tokens of the chosen tokenization per image: CLS + coarse + fine.
-    macs (`torch.FloatTensor` of shape `(batch_size,)`):
-        Multiply-accumulates of the chosen tokenization per image (analytic: gate, patch embedding, encoder).
-    attention_mask (`torch.LongTensor` of shape `(batch_size, max_num_tokens)`):
-        1 for the (kept) tokens of each image, 0 for padding (aligned with `hidden_states`).
     """
-
-    gate_loss: torch.FloatTensor | None = None
-    gate_probs: torch.FloatTensor | None = None
-    fine_region_mask: torch.BoolTensor | None = None
-    num_tokens: torch.LongTensor | None = None
-    macs: torch.FloatTensor | None = None
-    attention_mask: torch.LongTensor | None = None
 
 
 @auto_docstring(
@@ -1113,17 +1076,7 @@ class MSViTBackbone(BackboneMixin, MSViTModel):
             for stage, hidden_state in zip(self.stage_names, outputs.hidden_states)
             if stage in self.out_features
         )
-        return MSViTBackboneOutput(
-            feature_maps=feature_maps,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            gate_loss=outputs.gate_loss,
-            gate_probs=outputs.gate_probs,
-            fine_region_mask=outputs.fine_region_mask,
-            num_tokens=outputs.num_tokens,
-            macs=outputs.macs,
-            attention_mask=outputs.attention_mask,
-        )
+        return MSViTBackboneOutput(feature_maps=feature_maps, **self._gate_outputs(outputs, outputs.macs))
 
 
 # `save_pretrained` copies the code next to the weights (remote code); the config's AUTO_MAP names the classes.

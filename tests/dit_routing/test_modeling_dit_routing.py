@@ -1,4 +1,4 @@
-"""transformers' own common test mixins, run against DiT (model, classification head, backbone, image processor)."""
+"""transformers' own common test mixins, run against DiT (model, classification head, backbone)."""
 
 import unittest
 
@@ -7,14 +7,9 @@ from transformers.models.auto import modeling_auto
 from transformers_tests.exporters.test_export import ExportTesterMixin
 from transformers_tests.test_backbone_common import BackboneTesterMixin
 from transformers_tests.test_configuration_common import ConfigTester
-from transformers_tests.test_image_processing_common import (
-    ImageProcessingTester,
-    ImageProcessingTestMixin,
-    PostProcessSemanticSegmentationTestMixin,
-)
 from transformers_tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 
-from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTImageProcessor, DiTModel
+from hf_msvit import DiTBackbone, DiTConfig, DiTForImageClassification, DiTModel
 
 
 # The common tests decide from transformers' *built-in* mapping names which classes get labels and which are base
@@ -212,27 +207,3 @@ class DiTBackboneTest(BackboneTesterMixin, unittest.TestCase):
         self.assertEqual([fm.shape[1] for fm in outputs.feature_maps], [8, 16, 24, 32])
         self.assertEqual(model.channels, [8, 16, 24, 32])
         self.assertEqual(outputs.macs.shape, (2,))
-
-
-class DiTImageProcessingTester(ImageProcessingTester):
-    def __init__(self, parent, **kwargs):
-        kwargs.setdefault("size", {"height": 18, "width": 18})
-        kwargs.setdefault("do_resize", True)
-        kwargs.setdefault("do_normalize", True)
-        super().__init__(parent, batch_size=3, max_resolution=80, **kwargs)
-        self.num_labels = 3  # for the semantic-segmentation post-processing tests
-
-    def _get_image_processing_classes(self):
-        # The common helper infers the processor from the test folder's name among transformers' built-in models.
-        return {"pil": DiTImageProcessor}
-
-    def expected_output_image_shape(self, images):
-        return self.num_channels, self.size["height"], self.size["width"]
-
-
-class DiTImageProcessingTest(ImageProcessingTestMixin, PostProcessSemanticSegmentationTestMixin, unittest.TestCase):
-    image_processor_tester_class = DiTImageProcessingTester
-
-    @unittest.skip(reason="hf_msvit ships a PIL backend only: no torchvision dependency (DESIGN.md)")
-    def test_new_models_require_torchvision_backend(self):
-        pass
