@@ -134,6 +134,7 @@ def test_upcycled_dynamic_model_starts_exactly_on_the_pvt_v2_route(pvt_checkpoin
     dit = DiTForImageClassification.from_pvt_v2_pretrained(pvt)
     assert dit.config.routing_mode == "dynamic" and dit.config.gate_init == "static_route"
     assert dit.config.gate_noise_scale == 0.0  # upcycling trains on the route inference takes
+    assert dit.config.sparse_training  # ... computing only the stages some token runs
     dit.eval()
     batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
