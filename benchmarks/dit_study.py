@@ -62,11 +62,41 @@ def evaluate_run(run_dir: Path, validation: Validation) -> dict:
     model, processor = load(run_dir)
     pixels, labels, static = validation.pixels(processor), validation.labels, model.static_macs() / 1e9
     thresholds = {t: evaluate(model, pixels, labels, static, gate_threshold=t) for t in THRESHOLDS}
-    budgets = {b: evaluate(model, pixels, labels, static, compute_budget=b) for b in COMPUTE_BUDGETS}
     train = json.loads((run_dir / "all_results.json").read_text())
-    return {"eval": thresholds[0.5], "thresholds": thresholds, "budgets": budgets,
+    return {"eval": thresholds[0.5], "thresholds": thresholds, **evaluate_budgets(model, processor, validation),
             "train_macs_fraction": train.get("train_macs_fraction"),
             "seconds": json.loads((run_dir / "study_done.json").read_text())["seconds"]}  # fmt: skip
+
+
+def evaluate_budgets(model, processor, validation: Validation, calibration_images: int = 256) -> dict:
+    """The exact-budget sweep with the same fraction of tokens at every scale (`budgets_uniform`), and after
+    `calibrate_compute_budget` on training images (`budgets`: the trained route's allocation over the scales)."""
+    from hf_msvit.data import load_digits_on_canvas
+
+    pixels, labels, static = validation.pixels(processor), validation.labels, model.static_macs() / 1e9
+    uniform = {b: evaluate(model, pixels, labels, static, compute_budget=b) for b in COMPUTE_BUDGETS}
+    train = load_digits_on_canvas(copies=2)["train"].select(range(calibration_images))
+    train_pixels = processor([image.convert("RGB") for image in train["image"]], return_tensors="pt")["pixel_values"]
+    profile = model.calibrate_compute_budget(train_pixels)
+    calibrated = {}
+    for budget in COMPUTE_BUDGETS:
+        try:
+            calibrated[budget] = evaluate(model, pixels, labels, static, compute_budget=budget)
+        except ValueError:  # above what the calibrated route can cost (it skips whole stages)
+            continue
+    return {"budgets_uniform": uniform, "budgets": calibrated, "compute_budget_profile": profile}
+
+
+def reevaluate_budgets(out: Path, quick: bool) -> dict:
+    """Recomputes the exact-budget sweeps of a finished study's runs, keeping everything else of results.json."""
+    payload = json.loads((out / "results.json").read_text())
+    validation = Validation(quick)
+    for name, result in payload["runs"].items():
+        model, processor = load(out / "runs" / name)
+        result.update(evaluate_budgets(model, processor, validation))
+        print(name, result["compute_budget_profile"], flush=True)
+    payload["summary"] = summarize(payload["runs"])
+    return payload
 
 
 def summarize(results: dict) -> list[dict]:
@@ -83,8 +113,8 @@ def summarize(results: dict) -> list[dict]:
                 row[key], row[key + "_min"], row[key + "_max"] = float(np.mean(values)), min(values), max(values)
             row["train_macs_fraction"] = float(np.mean([r["train_macs_fraction"] or np.nan for r in runs]))
             row["train_minutes"] = float(np.mean([r["seconds"] for r in runs]) / 60)
-            for sweep in ("thresholds", "budgets"):
-                points = runs[0][sweep]
+            for sweep in ("thresholds", "budgets_uniform", "budgets"):
+                points = [p for p in runs[0][sweep] if all(p in r[sweep] for r in runs)]  # reached by every seed
                 row[sweep] = {
                     p: {k: float(np.mean([r[sweep][p][k] for r in runs])) for k in ("accuracy", "macs_fraction")}
                     for p in points
@@ -97,8 +127,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default=str(HERE / "dit_study"))
+    parser.add_argument("--reevaluate-budgets", action="store_true", help="only redo the exact-budget sweeps")
     args = parser.parse_args()
     started, out = time.time(), Path(args.output)
+    if args.reevaluate_budgets:
+        payload = reevaluate_budgets(out, args.quick)
+        write_atomic(out / "results.json", json.dumps(payload, indent=1))
+        write_atomic(out / "results.md", render(payload))
+        plot(payload, out / "knobs.png")
+        print((out / "results.md").read_text())
+        return
     runs = out / "runs"
     pvt_steps = ["--backbone_max_steps", "4"] if args.quick else ["--backbone_epochs", "10"]
     pvt_args = ["--model_type", "dit_routing", "--pvt_variant", "b0", "--backbone_only", "true"]
@@ -142,12 +180,20 @@ def render(payload) -> str:
             f"{row['accuracy'] - pvt['accuracy']:+.3f} | {_span(row, 'macs_fraction')} | "
             f"{row['train_macs_fraction']:.3f} | {_span(row, 'token_ratio')} | {row['train_minutes']:.1f} |"
         )
-    for sweep, title in (("thresholds", "gate_threshold"), ("budgets", "compute_budget")):
-        lines += ["", f"**`{title}` sweep** (mean over seeds; accuracy / compute):", ""]
-        points = list(payload["summary"][0][sweep])
+    sweeps = (
+        ("thresholds", "`gate_threshold`"),
+        ("budgets", "`compute_budget` after `calibrate_compute_budget` (256 training images)"),
+        ("budgets_uniform", "`compute_budget` uncalibrated (the same fraction of tokens at every scale)"),
+    )
+    for sweep, title in sweeps:
+        lines += ["", f"**{title} sweep** (mean over seeds; accuracy / compute; '-': out of reach):", ""]
+        points = sorted({p for row in payload["summary"] for p in row[sweep]}, key=float)
         lines += ["| recipe, budget | " + " | ".join(str(p) for p in points) + " |", "|---|" + "---|" * len(points)]
         for row in payload["summary"]:
-            cells = [f"{row[sweep][p]['accuracy']:.3f} / {row[sweep][p]['macs_fraction']:.2f}" for p in points]
+            cells = [
+                f"{row[sweep][p]['accuracy']:.3f} / {row[sweep][p]['macs_fraction']:.2f}" if p in row[sweep] else "-"
+                for p in points
+            ]
             lines.append(f"| {row['recipe']}, {row['budget']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -158,9 +204,10 @@ def plot(payload, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     pvt = payload["pvt_b0"]
-    for ax, sweep, title in zip(axes, ("thresholds", "budgets"), ("gate_threshold", "compute_budget")):
+    titles = ("gate_threshold", "compute_budget, calibrated", "compute_budget, uncalibrated")
+    for ax, sweep, title in zip(axes, ("thresholds", "budgets", "budgets_uniform"), titles):
         ax.axhline(pvt["accuracy"], color="tab:green", linestyle=":", label="PVTv2-b0 (static)")
         for row in payload["summary"]:
             points = sorted(row[sweep].values(), key=lambda r: r["macs_fraction"])

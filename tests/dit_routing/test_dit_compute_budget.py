@@ -114,8 +114,39 @@ def test_out_of_range_budget_is_a_clear_error(budget):
 
 def test_unreachable_budget_and_training_are_clear_errors():
     model = build()
-    with pytest.raises(ValueError, match="below what PVTv2's route can cost"), torch.no_grad():
+    with pytest.raises(ValueError, match="out of reach"), torch.no_grad():
         model(pixels(1), compute_budget=0.1)
     model.train()
     with pytest.raises(ValueError, match="inference mode"):
         model(pixels(1), compute_budget=0.8)
+
+
+def test_calibrated_profile_follows_the_trained_allocation_and_spends_the_budget(tmp_path):
+    """`calibrate_compute_budget` records what the learned route computes per scale; the budget mode then keeps that
+    allocation (a scale the route skips stays skipped), still within 2% of the budget, and the profile is saved."""
+    model = build()
+    with torch.no_grad():
+        for gate in model.dit.row_gates[1]:  # no stage of scale 1 ever computes a token
+            gate.bias.copy_(torch.tensor([0.0, -30.0]))
+            gate.weight.zero_()
+        threshold_route = model(pixels(4))
+    profile = model.calibrate_compute_budget(pixels(4))
+    assert profile[1] == 0.0 and all(0.0 < p <= 1.0 for i, p in enumerate(profile) if i != 1)
+    expected = threshold_route.stage_keep_ratio.sum(2).mean(0).clamp(max=1.0)
+    torch.testing.assert_close(torch.tensor(profile), expected, atol=1e-4, rtol=0)
+    static, head = model.static_macs((64, 64)), model.classifier.weight.numel()
+    with torch.no_grad():
+        out = model(pixels(3), compute_budget=0.5)
+    assert abs((out.macs[0] - head) / (static - head) - 0.5) <= 0.02 * 0.5
+    assert torch.all(out.stage_keep_ratio[:, 1] == 0), "the scale the trained route skips stays skipped"
+    with pytest.raises(ValueError, match="ask for a budget in that range"), torch.no_grad():
+        model(pixels(1), compute_budget=0.95)  # more than the route without scale 1 can cost
+    model.save_pretrained(tmp_path)
+    assert DiTForImageClassification.from_pretrained(tmp_path).config.compute_budget_profile == profile
+
+
+def test_bad_profile_is_a_clear_error():
+    with pytest.raises(ValueError, match="compute_budget_profile"):
+        DiTConfig(compute_budget_profile=[1.0, 0.5])
+    with pytest.raises(ValueError, match="compute_budget_profile"):
+        DiTConfig(compute_budget_profile=[0.0, 0.0, 0.0, 0.0])

@@ -151,6 +151,11 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
         computes the same number of tokens in every image, those its row gate scores highest, the same fraction at
         every scale. Equal work per image: rectangular batches, no host syncs, a fixed latency, exportable graphs.
         Also a `forward` argument. In `(0, 1]`; 1 is PVTv2's function exactly.
+    compute_budget_profile (`list[float]`, *optional*):
+        How the exact-budget mode spreads its tokens over the scales: scale `i` computes `min(1, f * profile[i])` of
+        its tokens, `f` set by the budget (0 skips the scale's stage). Unset: the same fraction at every scale.
+        `model.calibrate_compute_budget(pixel_values)` sets it to what the trained gates compute per scale, so the
+        budget mode keeps the trained model's allocation (a model trained at a budget learns a very uneven one).
     drop_path_rate (`float`, *optional*, defaults to 0.0):
         Stochastic depth rate, spread linearly over the blocks of one PVTv2 pass (the same rate for every copy of a
         block in the grid).
@@ -214,6 +219,7 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
     budget_decisions: str = "deterministic"
     sparse_training: bool = False
     compute_budget: float | int | None = None
+    compute_budget_profile: list[float] | None = None
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 
@@ -290,6 +296,14 @@ class DiTConfig(BackboneConfigMixin, PreTrainedConfig):
                 raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)}.")
         if self.compute_budget is not None:
             self.check_compute_budget(self.compute_budget)
+        profile = self.compute_budget_profile
+        if profile is not None and (
+            len(profile) != self.num_encoder_blocks or not all(0.0 <= p <= 1.0 for p in profile) or max(profile) <= 0
+        ):
+            raise ValueError(
+                f"compute_budget_profile must hold one fraction in [0, 1] per scale ({self.num_encoder_blocks}), not "
+                f"all 0, got {profile}: set it with model.calibrate_compute_budget(pixel_values)."
+            )
 
     @staticmethod
     def check_compute_budget(budget) -> None:

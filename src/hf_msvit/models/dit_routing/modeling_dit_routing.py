@@ -248,6 +248,8 @@ class DiTRoutingEncoder:
         row, downsample = fixed_route_decisions(self.config, "static", scale, column)
         height, width = route.ledger.sizes[scale]
         count = route.tokens_per_scale[scale]
+        if row and count == 0:  # the model's profile skips this scale's stage
+            row = 0
         if row and count < height * width:
             route.ledger.record_gates(scale, column, column_gate=False)
             scores = self.row_gates[scale][column].open_probability(route.features[(scale, column)])
@@ -355,6 +357,29 @@ class DiTPreTrainedModel(PreTrainedModel):
         from .convert_pvt_v2_to_dit_routing import convert_pvt_v2_to_dit
 
         return convert_pvt_v2_to_dit(cls, pvt, **config_overrides)
+
+    @torch.no_grad()
+    def calibrate_compute_budget(self, pixel_values: torch.Tensor, gate_threshold=None, batch_size: int = 64):
+        """Sets `config.compute_budget_profile` to the fraction of each scale's tokens that this model's learned route
+        computes on `pixel_values` (threshold mode, mean over the images; stages of one scale add up, at most 1) and
+        returns it: the exact-budget mode then spreads its tokens over the scales as the trained gates do. Like
+        BatchNorm's statistics, a few hundred images of the training distribution are enough."""
+        was_training, budget = self.training, self.config.compute_budget
+        self.eval()
+        self.config.compute_budget = None
+        try:
+            keep = torch.cat(
+                [
+                    self(pixel_values[start : start + batch_size], gate_threshold=gate_threshold).stage_keep_ratio
+                    for start in range(0, pixel_values.shape[0], batch_size)
+                ]
+            )
+        finally:
+            self.config.compute_budget = budget
+            self.train(was_training)
+        profile = [round(value, 4) for value in keep.sum(2).mean(0).clamp(max=1.0).tolist()]
+        self.config.compute_budget_profile = profile
+        return profile
 
 
 @auto_docstring

@@ -166,37 +166,60 @@ def dit_route_macs(config: DiTConfig, height: int, width: int, routing_mode: str
 def compute_budget_tokens(config: DiTConfig, height: int, width: int, compute_budget: float) -> list[int]:
     """Tokens per scale that each stage of PVTv2's route computes in the exact-budget mode, so that an image of
     `height x width` costs `compute_budget` times the static route (classifier excluded), as close as whole tokens
-    allow: the same fraction of the tokens at every scale, then single tokens moved to close the rounding gap. Below
-    1 the row gates that rank the tokens are paid for too."""
+    allow. Scale `i` computes the fraction `min(1, f * profile[i])` of its tokens (`config.compute_budget_profile`,
+    uniform when unset; a 0 skips the stage), `f` solved by bisection, then single tokens moved to close the rounding
+    gap. The row gates that rank the tokens of a stage computing some but not all of them are paid for too."""
     config.check_compute_budget(compute_budget)
-    sizes = scale_sizes(config, height, width)
-    num_tokens = [h * w for h, w in sizes]
-    static = dit_route_macs(config, height, width, "static")
+    num_tokens = [h * w for h, w in scale_sizes(config, height, width)]
     if compute_budget >= 1.0:
         return num_tokens
-    per_token = [config.depths[s] * DiTBlockLayer.macs(config, s, *sizes[s])[1] for s in range(len(sizes))]
-    gates = sum(DiTGate.macs(n, hidden) for n, hidden in zip(num_tokens, config.hidden_sizes))
+    profile = list(config.compute_budget_profile or [1.0] * len(num_tokens))
+    cost = _budget_cost_function(config, height, width)
+    target = compute_budget * dit_route_macs(config, height, width, "static")
 
-    def cost(tokens):
-        return static + gates - sum(p * (n - k) for p, n, k in zip(per_token, num_tokens, tokens))
+    def tokens_at(fraction):
+        fractions = [min(1.0, fraction * p) for p in profile]
+        return [0 if p <= 0 else min(n, max(1, round(f * n))) for p, f, n in zip(profile, fractions, num_tokens)]
 
-    target = compute_budget * static
-    fraction = 1.0 - (static + gates - target) / sum(p * n for p, n in zip(per_token, num_tokens))
-    tokens = [min(n, max(1, round(fraction * n))) for n in num_tokens]
-    while True:  # greedy single-token moves while they bring the cost closer to the target
+    low, high = 0.0, 1.0 / min(p for p in profile if p > 0)
+    for _ in range(50):  # bisection: the cost grows with the fraction
+        middle = (low + high) / 2
+        low, high = (middle, high) if cost(tokens_at(middle)) <= target else (low, middle)
+    tokens = tokens_at(low)
+    while True:  # greedy single-token moves (stages the profile runs) while they bring the cost closer to the target
         moves = [tokens[:s] + [tokens[s] + d] + tokens[s + 1 :] for s in range(len(tokens)) for d in (-1, 1)]
-        moves = [m for m in moves if all(1 <= k <= n for k, n in zip(m, num_tokens))]
+        moves = [m for m in moves if all(k == 0 if p <= 0 else 1 <= k <= n for k, n, p in zip(m, num_tokens, profile))]
         best = min(moves, key=lambda m: abs(cost(m) - target))
         if abs(cost(best) - target) >= abs(cost(tokens) - target):
             break
         tokens = best
-    if cost(tokens) > 1.02 * target:
-        cheapest = cost([1] * len(tokens)) / static
+    if abs(cost(tokens) - target) > 0.02 * target:
+        static = target / compute_budget
+        cheapest, dearest = cost(tokens_at(0.0)) / static, cost(tokens_at(high)) / static
         raise ValueError(
-            f"compute_budget {compute_budget} is below what PVTv2's route can cost at {height}x{width} px with one "
-            f"token per stage ({cheapest:.3f} of the static cost: the per-image parts and the gates): ask for more."
+            f"compute_budget {compute_budget} is out of reach at {height}x{width} px on PVTv2's route with this "
+            f"model's per-scale profile ({profile}): it reaches {cheapest:.3f} (one token per stage: the per-image "
+            f"parts and the gates) to {dearest:.3f} of the static cost; ask for a budget in that range."
         )
     return tokens
+
+
+def _budget_cost_function(config: DiTConfig, height: int, width: int):
+    """`cost(tokens)`: MACs of PVTv2's route computing `tokens[i]` tokens at scale `i` (0: the stage is skipped,
+    per-image part included; fewer than all: its row gate ranks them)."""
+    sizes = scale_sizes(config, height, width)
+    static = dit_route_macs(config, height, width, "static")
+    parts = [DiTBlockLayer.macs(config, s, *sizes[s]) for s in range(len(sizes))]
+
+    def cost(tokens):
+        total = static
+        for scale, ((h, w), (per_image, per_token), count) in enumerate(zip(sizes, parts, tokens)):
+            depth, skipped = config.depths[scale], h * w - count
+            total -= depth * (skipped * per_token + (per_image if count == 0 else 0))
+            total += DiTGate.macs(h * w, config.hidden_sizes[scale]) if 0 < count < h * w else 0
+        return total
+
+    return cost
 
 
 class RouteMode(enum.Enum):
