@@ -455,9 +455,12 @@ def main():
         timing = {"warmup": 2, "min_rounds": 7, "max_rounds": 60, "min_seconds": args.min_seconds}
     base = dict(device=args.device, dtype=dtype, threads=args.threads, **timing)
     payload = {"machine": machine_description(device), "quick": args.quick, "sections": sections(args, base)}
-    output = Path(args.output) if args.output else RESULTS / f"speed_{device.type}.json"
+    write_results(Path(args.output) if args.output else RESULTS / f"speed_{device.type}.json", payload)
+
+
+def write_results(output: Path, payload: dict) -> None:
+    """Writes `payload` as JSON through a temporary file, so an interrupted run never leaves a half-written file."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file first so an interrupted run never leaves a half-written result file.
     tmp = output.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(output)

@@ -12,13 +12,12 @@ token of the batch runs). A step's ratio to PVTv2's is the number the routing is
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from bench_speed import machine_description
+from bench_speed import machine_description, write_results
 from dit_bench import build_dit_pair
 
 
@@ -91,12 +90,7 @@ def main():
         rows += time_group(variant, args.image_size, args.batch_size, rounds, args.threads)
     payload = {"machine": machine_description(torch.device("cpu")), "quick": args.quick, "threads": args.threads}
     payload["rows"] = rows
-    output = Path(args.output) if args.output else RESULTS / "training_cpu.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".json.tmp")  # never a half-written result file
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(output)
-    print(f"wrote {output}")
+    write_results(Path(args.output) if args.output else RESULTS / "training_cpu.json", payload)
 
 
 if __name__ == "__main__":

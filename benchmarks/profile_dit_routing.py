@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from bench_speed import machine_description
+from bench_speed import machine_description, write_results
 from dit_bench import build_dit_pair, set_dit_keep_ratio
 from torch.profiler import ProfilerActivity, profile
 
@@ -97,12 +97,7 @@ def main():
             rows += profile_group(variant, batch_size, args.keep, args.repeats, args.threads)
             print(json.dumps(rows[-3:], indent=1), flush=True)
     payload = {"machine": machine_description(torch.device("cpu")), "threads": args.threads, "rows": rows}
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(output)
-    print(f"wrote {output}")
+    write_results(Path(args.output), payload)
 
 
 if __name__ == "__main__":
