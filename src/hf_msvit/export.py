@@ -211,8 +211,8 @@ def _trace(model: nn.Module, mode: ExportMode, batch_size: int, dynamic_batch: b
     sample = example_pixel_values(model, mode, batch_size)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH_SIZE)
     with in_export_mode(model, mode) as graph, torch.enable_grad():
-        # Autograd on: DiT's CPU inference path (taken without autograd) plans its MLP per image in Python, which
-        # would pin the batch size; with autograd, PVTv2's route runs the dense stages, the same values.
+        # Autograd on: DiT's static route then runs its plain dense stages (the same values as the inference path,
+        # and a graph without the selection machinery); the budget modes take their selected-token path either way.
         program = torch.export.export(graph, (sample,), dynamic_shapes=({0: batch},) if dynamic_batch else None)
     return program, sample
 
