@@ -710,11 +710,14 @@ def evaluate_and_save_metrics(model, context: RunContext, summary: TrainSummary)
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
     eval_metrics = {}
-    if args.do_eval and "validation" in context.splits:
-        eval_metrics = trainer.evaluate()
-        eval_metrics.pop("epoch", None)  # an evaluation-only Trainer: its epoch would read 0
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
+    # validation for choices, the test split (when the data has one, as the built-in data) for the reported numbers
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if args.do_eval and split in context.splits:
+            metrics = trainer.evaluate(context.splits[split], metric_key_prefix=prefix)
+            metrics.pop("epoch", None)  # an evaluation-only Trainer: its epoch would read 0
+            trainer.log_metrics(prefix, metrics)
+            trainer.save_metrics(prefix, metrics)
+            eval_metrics.update(metrics)
     return eval_metrics
 
 
@@ -764,13 +767,14 @@ def summary_lines(model, eval_metrics: dict, train_metrics: dict, backbone_eval:
     ratio = ratio_metric_name(model)
     static = static_macs(model)
 
+    columns = ((train_metrics, "train"), (eval_metrics, "eval"), (eval_metrics, "test"))
+
     def row(label, key, fmt):
-        values = [
-            metrics.get(f"{prefix}_{key}") for metrics, prefix in ((train_metrics, "train"), (eval_metrics, "eval"))
-        ]
+        values = [metrics.get(f"{prefix}_{key}") for metrics, prefix in columns]
         return f"  {label:<22}" + "".join(f"{'-' if v is None else format(v, fmt):>14}" for v in values)
 
-    lines = [f"  {'':<22}{'train':>14}{'eval':>14}", row("accuracy", "accuracy", ".4f"), row(ratio, ratio, ".3f")]
+    lines = [f"  {'':<22}{'train':>14}{'eval':>14}{'test':>14}", row("accuracy", "accuracy", ".4f")]
+    lines.append(row(ratio, ratio, ".3f"))
     lines += [row("GMACs per image", "gmacs", ".5f"), row("compute vs static", "macs_fraction", ".1%")]
     if static:
         lines.append(f"  (static backbone: {static / 1e9:.5f} GMACs per image)")

@@ -406,8 +406,8 @@ def epochs_or_steps(epochs: float, max_steps: int, learning_rate: float) -> dict
     return {"num_train_epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate}
 
 
-def evaluate(trainer, prefix: str) -> dict:
-    metrics = trainer.evaluate(metric_key_prefix=prefix)
+def evaluate(trainer, prefix: str, dataset=None) -> dict:
+    metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
     if trainer.is_world_process_zero():
         trainer.log_metrics(prefix, metrics)
     return metrics
@@ -481,6 +481,8 @@ def main(argv=None) -> dict:
     metrics = dict(static_metrics or {})
     if not model_args.static_only and training_args.do_eval:
         metrics.update(evaluate(trainer, "eval"))
+        if "test" in splits:  # validation for choices, test for the reported numbers
+            metrics.update(evaluate(trainer, "test", splits["test"]))
     if trainer.is_world_process_zero():
         save_and_push(model, processor, training_args, metrics, dataset_name, model_args.model_name_or_path)
         with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:

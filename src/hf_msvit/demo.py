@@ -208,7 +208,7 @@ def summary_markdown(result: Analysis, model_type: str) -> str:
 
 def example_images(folder: str | Path | None = None, num_digits: int = 4) -> list[Path]:
     """Example images written to `folder` (a new temporary folder by default, which Gradio may serve): digits on
-    canvas from the built-in data's validation digits, and the two photographs scikit-learn ships."""
+    canvas from the built-in data's test digits, and the two photographs scikit-learn ships."""
     from sklearn.datasets import load_sample_images
 
     from .data import CanvasStyle, _load_sklearn_digits, _split_indices, render_digits_on_canvas
@@ -216,7 +216,7 @@ def example_images(folder: str | Path | None = None, num_digits: int = 4) -> lis
     folder = Path(folder or tempfile.mkdtemp(prefix="hf_msvit_demo_"))
     folder.mkdir(parents=True, exist_ok=True)
     digits, labels = _load_sklearn_digits()
-    chosen = _split_indices(len(digits), 0.2, seed=0)["validation"][:num_digits]
+    chosen = _split_indices(len(digits), 0.1, 0.1, seed=0)["test"][:num_digits]
     rendered, rendered_labels, _, _ = render_digits_on_canvas(
         digits[chosen], labels[chosen], canvas_size=96, digit_size=(24, 32), seed=7, position_step=16,
         style=CanvasStyle(background="photo"),

@@ -12,6 +12,7 @@ from hf_msvit.data import (  # noqa: E402 (after the importorskips)
     SEGMENTATION_LABELS,
     load_digits_on_canvas,
     load_digits_on_canvas_segmentation,
+    _split_indices,
     region_detail_fraction,
 )
 
@@ -30,20 +31,39 @@ def photo():
 
 def test_structure(small):
     assert isinstance(small, datasets.DatasetDict)
-    assert set(small) == {"train", "validation"}
+    assert set(small) == {"train", "validation", "test"}
     features = small["train"].features
     assert isinstance(features["image"], datasets.Image)
     assert isinstance(features["label"], datasets.ClassLabel) and features["label"].names == DIGIT_NAMES
-    assert len(small["train"]) + len(small["validation"]) == 1797
-    assert len(small["validation"]) == round(1797 * 0.2)
+    assert len(small["train"]) + len(small["validation"]) + len(small["test"]) == 1797
+    assert len(small["validation"]) + len(small["test"]) == round(1797 * 0.3)
+    assert len(small["test"]) == round(1797 * 0.1)
     image = small["train"][0]["image"]
     assert image.size == (64, 64)
     assert set(small["train"]["label"]) == set(range(10))
 
 
 def test_splits_are_disjoint_by_source_digit(small):
-    train, val = set(small["train"]["source_index"]), set(small["validation"]["source_index"])
-    assert not train & val
+    train, val, test = (set(small[name]["source_index"]) for name in ("train", "validation", "test"))
+    assert not train & val and not train & test and not val & test
+
+
+def test_default_split_keeps_the_two_way_training_digits():
+    """Validation and test split the earlier 20% held-out digits; the training digits (and so every model trained on
+    them) are unchanged, and the test digits were never trained on."""
+    three_way = _split_indices(1797, 0.1, 0.1, seed=0)
+    two_way_train = _split_indices(1797, 0.2, 0.0, seed=0)
+    assert set(two_way_train) == {"train", "validation"}
+    assert np.array_equal(three_way["train"], two_way_train["train"])
+    held_out = np.sort(np.concatenate([three_way["validation"], three_way["test"]]))
+    assert np.array_equal(held_out, two_way_train["validation"])
+    assert (len(three_way["train"]), len(three_way["validation"]), len(three_way["test"])) == (1438, 179, 180)
+
+
+@pytest.mark.parametrize("fractions", [(0.0, 0.0), (0.6, 0.5), (-0.1, 0.2), (0.2, 1.0)])
+def test_bad_split_fractions_say_what_is_wrong(fractions):
+    with pytest.raises(ValueError, match="fraction"):
+        _split_indices(100, *fractions, seed=0)
 
 
 def test_digit_is_where_recorded_and_canvas_is_blank_elsewhere(small):

@@ -56,9 +56,13 @@ def test_default_run_phases_metrics_checkpoint_and_resume(script, tmp_path, caps
     # Where transformers' examples write them: train/eval/all results in --output_dir.
     train_results = json.loads((out / "train_results.json").read_text())
     eval_results = json.loads((out / "eval_results.json").read_text())
+    test_results = json.loads((out / "test_results.json").read_text())
     all_results = json.loads((out / "all_results.json").read_text())
     assert eval_results["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
-    assert all_results == {**train_results, **eval_results}
+    # the built-in data's held-out test split is evaluated once, at the end, beside validation
+    assert test_results["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert 0.0 <= test_results["test_fine_region_ratio"] <= 1.0
+    assert all_results == {**train_results, **eval_results, **test_results}
     # The training-time (sampled-gate) compute is reported next to the evaluation's, and printed.
     assert 0.0 <= train_results["train_fine_region_ratio"] <= 1.0
     assert train_results["train_macs_fraction"] == pytest.approx(
