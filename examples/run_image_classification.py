@@ -75,6 +75,7 @@ from hf_msvit import (
     DiTConfig,
     DiTForImageClassification,
     DiTImageProcessor,
+    MSViTConfig,
     MSViTForImageClassification,
     MSViTImageProcessor,
     hub,
@@ -127,9 +128,11 @@ UPCYCLERS = {
 }
 DYNAMIC_MODEL_TYPES = {"vit": "msvit", "pvt_v2": "dit_routing"}
 IMAGE_PROCESSORS = {"msvit": MSViTImageProcessor, "dit_routing": DiTImageProcessor}
+CONFIG_CLASSES = {"msvit": MSViTConfig, "dit_routing": DiTConfig}
 MSVIT_CONFIG_ARGUMENTS = (
     "gbas_target_ratio", "gbas_loss_weight", "gbas_hyperprior_std", "gbas_gather_across_processes", "gate_threshold",
-    "coarse_patch_size", "gate_input", "gate_hidden_size", "gate_num_layers",
+    "coarse_patch_size", "gate_input", "gate_hidden_size", "gate_num_layers", "gate_noise_scale",
+    "gate_level_loss_weight", "gate_training_mode",
 )  # fmt: skip
 DIT_CONFIG_ARGUMENTS = (
     "budget_target", "budget_loss_weight", "gate_noise_scale", "budget_decisions", "stage_input", "sparse_training",
@@ -203,6 +206,22 @@ class ModelArguments:
     gate_threshold: float | None = field(
         default=None, metadata={"help": "MSViT: inference threshold on the gate probability."}
     )
+    gate_noise_scale: float | None = field(
+        default=None, metadata={"help": "MSViT and DiT: noise of the training decisions (0: inference's decisions)."}
+    )
+    gate_level_loss_weight: float | None = field(
+        default=None, metadata={"help": "MSViT: weight of the level term (the gate's own level at the target)."}
+    )
+    gate_training_mode: str | None = field(
+        default=None, metadata={"help": "MSViT: `masked_attention` or `straight_through` (selected tokens only)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Any other config fields of the dynamic model, as transformers' examples take them: "
+            "`field=value,field=value` (e.g. `gbas_input=samples,gate_level_calibration=false`)."
+        },
+    )
     coarse_patch_size: int | None = field(default=None, metadata={"help": "MSViT: side of a coarse region in pixels."})
     gate_input: str | None = field(default=None, metadata={"help": "MSViT: `pixels` or `embeddings`."})
     gate_hidden_size: int | None = field(default=None, metadata={"help": "MSViT: width of the gate MLP."})
@@ -213,9 +232,6 @@ class ModelArguments:
     )
     budget_loss_weight: float | None = field(
         default=None, metadata={"help": "DiT: weight of the budget loss in `loss`."}
-    )
-    gate_noise_scale: float | None = field(
-        default=None, metadata={"help": "DiT: Gumbel noise of the training decisions (1: the paper; 0: upcycling's)."}
     )
     budget_decisions: str | None = field(
         default=None, metadata={"help": "DiT: `deterministic` (what inference takes) or `sampled` (the paper)."}
@@ -469,6 +485,25 @@ def config_overrides(model_args: ModelArguments, model_type: str, fresh: bool) -
     names = MSVIT_CONFIG_ARGUMENTS if model_type == "msvit" else DIT_CONFIG_ARGUMENTS
     values = dict(FRESH_MODEL_DEFAULTS[model_type].config) if fresh else {}
     values.update({name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None})
+    extra = parse_config_overrides(model_args.config_overrides)
+    known = vars(CONFIG_CLASSES[model_type]())
+    unknown = sorted(set(extra) - set(known))
+    if unknown:
+        raise ValueError(f"--config_overrides names no field of the {model_type} config: {unknown}.")
+    return {**values, **extra}
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`"a=1,b=true,c=samples"` -> `{"a": 1, "b": True, "c": "samples"}` (JSON scalars, else strings)."""
+    values = {}
+    for item in filter(None, (text or "").split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--config_overrides takes `field=value,field=value`; got {item!r} in {text!r}.")
+        try:
+            values[name.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:
+            values[name.strip()] = value.strip()
     return values
 
 

@@ -88,6 +88,17 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
     gumbel_temperature (`float`, *optional*, defaults to 1.0):
         Temperature of the Gumbel-sigmoid used to sample gate decisions in training (a region is fine with
         probability `sigmoid(logit)` whatever the temperature; it scales the straight-through gradient).
+    gate_noise_scale (`float`, *optional*, defaults to 1.0):
+        Scale of the logistic (Gumbel-sigmoid) noise of the training decisions: 1 samples a region fine with
+        probability `sigmoid(logit)`; 0 takes the deterministic decisions inference takes (`p >= gate_threshold`), with
+        the straight-through gradient of `sigmoid(logit / gumbel_temperature)`, so training sees the token mix
+        inference computes. As DiT's field of the same name.
+    gate_level_loss_weight (`float`, *optional*, defaults to 0.0):
+        Weight of the level term folded into the gate loss: the squared distance of the batch's `(1 -
+        gbas_target_ratio)` quantile of the gate logits from `logit(gate_threshold)`. It holds the gate's own level
+        where inference thresholds (a `gbas_target_ratio` fraction of regions at `p >= gate_threshold`), so the
+        calibration offset stays small; unlike GBaS on probabilities its gradient does not vanish when the gate
+        saturates (a gate started at bias -20 still moves).
     gate_level_calibration (`bool`, *optional*, defaults to `True`):
         Calibrate the gate's level for inference, as BatchNorm keeps running statistics: training tracks a running
         average of the batch's `(1 - gbas_target_ratio)` quantile of the gate logits, and inference subtracts it, so
@@ -195,6 +206,8 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
     gate_num_layers: int = 4
     gate_threshold: float | int = 0.5
     gumbel_temperature: float | int = 1.0
+    gate_noise_scale: float | int = 1.0
+    gate_level_loss_weight: float | int = 0.0
     gate_level_calibration: bool = True
     gate_calibration_momentum: float | int = 0.9
     gate_training_mode: str = "masked_attention"
@@ -253,6 +266,8 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
             ("gbas_target_ratio", 0.0 < self.gbas_target_ratio < 1.0, "in (0, 1)"),
             ("gbas_hyperprior_std", self.gbas_hyperprior_std > 0, "positive"),
             ("gumbel_temperature", self.gumbel_temperature > 0, "positive"),
+            ("gate_noise_scale", self.gate_noise_scale >= 0, ">= 0"),
+            ("gate_level_loss_weight", self.gate_level_loss_weight >= 0, ">= 0"),
             ("bucket_overhead_tokens", self.bucket_overhead_tokens >= 0, ">= 0"),
         )
         for name, valid, wanted in checks:

@@ -205,14 +205,19 @@ class GateDecisions(NamedTuple):
     probs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     gbas_input: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
-def sample_gate(logits: torch.Tensor, temperature: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_gate(
+    logits: torch.Tensor, temperature: float, threshold: float, noise_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training decisions from gate logits: `(soft, hard)` with `soft` a Gumbel-sigmoid sample and `hard =
-    1[soft >= threshold]` carrying the gradient of `soft` (straight-through). At threshold 0.5 a region is fine with
-    probability `sigmoid(logits)`, whatever the temperature."""
+    1[soft >= threshold]` carrying the gradient of `soft` (straight-through). At threshold 0.5 and `noise_scale` 1 a
+    region is fine with probability `sigmoid(logits)`, whatever the temperature; at `noise_scale` 0 the decision is
+    inference's, `sigmoid(logits) >= threshold`."""
     uniform = torch.rand_like(logits).clamp(1e-6, 1.0 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
+    noise = (torch.log(uniform) - torch.log1p(-uniform)) * noise_scale
+    soft = torch.sigmoid((logits + noise) / temperature)
     hard = (soft >= threshold).to(soft.dtype)
     return soft, hard + soft - soft.detach()
 
@@ -348,10 +353,11 @@ class MSViTEmbeddings(nn.Module):
         logits = self.gate.calibrate(logits, batch_logits)
         probs = torch.sigmoid(logits)
         if self.training:
-            soft, values = sample_gate(logits, config.gumbel_temperature, threshold)
+            soft, values = sample_gate(logits, config.gumbel_temperature, threshold, config.gate_noise_scale)
             # GBaS shapes the gate probabilities (default) or, as the paper's wording reads, the samples.
             gbas_input = probs if config.gbas_input == "probs" else soft
-            return GateDecisions(fine=values.detach() > 0.5, probs=probs, values=values, gbas_input=gbas_input)
+            fine = values.detach() > 0.5
+            return GateDecisions(fine=fine, probs=probs, values=values, gbas_input=gbas_input, logits=logits)
         fine = probs >= threshold if budget is None else top_k_regions(probs, budget)
         return GateDecisions(fine=fine, probs=probs, gbas_input=probs)
 
@@ -729,7 +735,18 @@ class MSViTModel(MSViTPreTrainedModel):
         # multi-process training with the GBaS statistics of the global batch (off by default)
         if self.config.gbas_gather_across_processes and self.training:
             gate_values = gather_across_processes(gate_values)
-        return self.batch_shaping(gate_values)
+        loss = self.batch_shaping(gate_values)
+        if self.config.gate_level_loss_weight > 0 and decisions.logits is not None:
+            loss = loss + self.config.gate_level_loss_weight * self._level_loss(decisions.logits)
+        return loss
+
+    def _level_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Squared distance of the batch's `(1 - target)` logit quantile from where inference thresholds: zero when a
+        target fraction of regions scores `p >= gate_threshold` (linear in the logits: no vanishing gradient)."""
+        config = self.config
+        level = torch.quantile(logits.float().flatten(), 1.0 - config.gbas_target_ratio)
+        threshold = torch.logit(torch.tensor(float(config.gate_threshold))).clamp(-20.0, 20.0)
+        return (level - threshold.to(level.device)).pow(2)
 
     def token_macs(self, tokens: MSViTTokens) -> torch.Tensor:
         """`(batch,)` MACs of the chosen tokenization: encoder, patch embedding, gate (when it ran), pooler."""
