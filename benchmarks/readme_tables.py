@@ -107,8 +107,8 @@ def split_line(payload: dict) -> str:
     )
 
 
-def render_study() -> list[str]:
-    payload = load("study/results.json")
+def render_study(payload: dict | None = None) -> list[str]:
+    payload = payload or load("study/results.json")
     header = ["model", "accuracy", "GMACs / image", "compute vs static (eval)", "token ratio (eval)", "target",
               "token ratio (train)", "compute (train)"]  # fmt: skip
     static = study_static_rows(payload)
@@ -144,8 +144,8 @@ def sweep_table(rows: list[tuple[str, dict]], compute) -> list[str]:
     return table(header, lines)
 
 
-def render_study_thresholds() -> list[str]:
-    payload = load("study/results.json")
+def render_study_thresholds(payload: dict | None = None) -> list[str]:
+    payload = payload or load("study/results.json")
     static, best = payload["static"], payload["best"]
     reference = {"msvit": static[best["vit16"]]["gmacs"], "dit": static[best["pvt_b0"]]["gmacs"]}
     blocks = []
@@ -156,9 +156,9 @@ def render_study_thresholds() -> list[str]:
             *blocks[:-1]]  # fmt: skip
 
 
-def render_msvit_seeds() -> list[str]:
+def render_msvit_seeds(payload: dict | None = None) -> list[str]:
     """Per seed: eval and train fine ratio, accuracy, and the fine ratio at every threshold evaluated."""
-    payload = load("study/results.json")
+    payload = payload or load("study/results.json")
     pattern = re.compile(r"^msvit_(?:(?P<recipe>.+)_)?t(?P<target>[\d.]+)_s(?P<seed>\d+)$")
     runs = [(pattern.match(name), run) for name, run in payload["dynamic"].items()]
     runs = sorted(((m, run) for m, run in runs if m), key=lambda r: (r[0]["recipe"] or "", float(r[0]["target"]),
@@ -176,6 +176,27 @@ def render_msvit_seeds() -> list[str]:
             *(f"{sweep[t]['token_ratio']:.3f}" if t in sweep else "-" for t in thresholds),
         ])  # fmt: skip
     return [split_line(payload), "", *table(header, rows)]
+
+
+def render_msvit_level(payload: dict | None = None) -> list[str]:
+    """MSViT's level per row: the ratio in training and at inference with and without the calibration offset, the
+    offset, and the fine ratio on distributions no model trained on (blank canvases, photograph tiles)."""
+    payload = payload or load("study/results.json")
+    header = ["model", "target", "train", "test", "test, uncalibrated", "logit offset", "accuracy, uncalibrated",
+              "blank canvases", "photo tiles"]  # fmt: skip
+    rows = []
+    for row in payload["summary"]:
+        if "logit_offset" not in row:
+            continue
+        pairs = [
+            f"{span(row, key)} / {span(row, key + '_uncalibrated')}"
+            for key in ("blank_token_ratio", "photo_tiles_token_ratio")
+        ]
+        rows.append([row["label"], f"{row['target']:g}", span(row, "train_token_ratio"), span(row, "token_ratio"),
+                     span(row, "token_ratio_uncalibrated"), span(row, "logit_offset", 2),
+                     span(row, "accuracy_uncalibrated"), *pairs])  # fmt: skip
+    caption = split_line(payload) + " Fine ratio; the other distributions calibrated / uncalibrated:"
+    return [caption, "", *table(header, rows)]
 
 
 # ---------------------------------------------------------------- DiT recipes and knobs (dit_study.py)

@@ -1,18 +1,26 @@
-"""The accuracy-compute study on the built-in data: one command, fixed seeds, about an hour on 2 CPU cores.
+"""The accuracy-compute study on the built-in data: one command, fixed seeds, about two hours on 2 CPU cores.
 
     python benchmarks/study.py             # everything -> benchmarks/study/{results.md,results.json,*.png}
     python benchmarks/study.py --quick     # a smoke run (minutes; numbers meaningless)
 
 Every model is trained by `examples/run_image_classification.py` (the Trainer recipe users run) on the built-in
-digits-on-photo data (96 px canvases, 2,876 training / 718 validation images, split by source digit):
+digits-on-photo data (96 px canvases; train / validation / test split by source digit, 2,876 / 358 / 360 images).
+Every choice (the learning rate of each sweep) is made on validation; every number reported is on test.
 
-1. Static baselines from scratch with a learning-rate sweep each (the best by validation accuracy is kept and the sweep
-   reported): ViT/16, ViT/32 (same width and depth) and PVTv2-b0.
-2. The baseline the question needs: the best ViT/16 turned into the ViT/32 that computes exactly what MSViT computes
-   with every region coarse (kernel upsampled, position embeddings area-averaged), fine-tuned as long as MSViT trains.
-3. MSViT upcycled from the best ViT/16 at target fine ratios 0.25 and 0.5 (gate-only phase, then joint), 3 seeds each;
-   every trained model is evaluated with `gate_threshold` swept (a curve per model).
-4. DiT-b0 upcycled from the best PVTv2-b0 at budgets 0.6 and 0.8, 3 seeds each, its row-gate threshold swept.
+1. Static baselines from scratch with a learning-rate sweep each (best by validation accuracy): ViT/16, ViT/32 (same
+   width and depth) and PVTv2-b0.
+2. Fair baselines (equal training): the best ViT/16 and ViT/32 fine-tuned for as many epochs as MSViT trains after
+   upcycling, at the joint phase's learning rate; PVTv2-b0 for as many steps as DiT's phases; and the ViT/16 turned
+   into the ViT/32 that computes what MSViT computes with every region coarse, fine-tuned as long.
+3. MSViT upcycled from the best ViT/16 with the example's defaults and nothing but the target
+   (`--model_name_or_path <vit16> --gbas_target_ratio t`, the path users take) at targets 0.25, 0.5 and 0.75, 3 seeds
+   each; and the paper's recipe (GBaS on the sampled decisions, learned prior temperatures with the notebook's L1, no
+   calibration, no level term) at 0.5, 3 seeds. Every model also evaluated with `gate_threshold` swept, with its
+   level calibration switched off, and on two other distributions (blank canvases; scikit-learn's two photographs
+   cut into 96 px tiles).
+4. DiT-b0 upcycled from PVTv2-b0 with the package's recipe at budgets 0.6 and 0.8 (3 seeds each), its row-gate
+   threshold swept in steps of 0.05. The DiT runs are `dit_study.py`'s (same arguments, shared run folders), as is
+   the paper's DiT recipe (3 seeds at 0.8).
 
 Training runs go two at a time, one torch thread each (on 2 cores that is faster than one run on two threads). Every
 run writes a marker when done, so an interrupted study resumes where it stopped.
@@ -36,10 +44,24 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 SCRIPT = ROOT / "examples" / "run_image_classification.py"
 VIT = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4", "--intermediate_size", "256"]
-SWEEPS = {"vit16": [1e-3, 2e-3, 4e-3], "vit32": [1e-3, 2e-3, 4e-3], "pvt_b0": [1.5e-4, 3e-4, 6e-4]}
-TARGETS, BUDGETS, SEEDS = [0.25, 0.5], [0.6, 0.8], [0, 1, 2]
+SWEEPS = {
+    "vit16": [5e-4, 1e-3, 2e-3, 4e-3],
+    "vit32": [5e-4, 1e-3, 2e-3],
+    "pvt_b0": [3e-4, 6e-4, 1.2e-3],
+}
+TARGETS, BUDGETS, SEEDS = [0.25, 0.5, 0.75], [0.6, 0.8], [0, 1, 2]
+MSVIT_RECIPES = {
+    "": [],  # the example's defaults
+    "paper_": ["--config_overrides", "gbas_input=samples,gbas_learn_prior_temperature=true,gbas_prior_temperature=0.5,"
+               "gbas_temperature_l1_weight=0.1,gate_level_calibration=false,gate_noise_scale=1,gate_level_loss_weight=0"],
+}  # fmt: skip
+MSVIT_RECIPE_TARGETS = {"": TARGETS, "paper_": [0.5]}
+MSVIT_PHASE_EPOCHS = 2 + 10  # the example's gate-only and joint epochs, for the fair baselines
+DIT_STEPS = {"sparse": 90 + 180}  # gate-only and joint steps of dit_study.py's recipe
+JOINT_LEARNING_RATE = 5e-4  # the example's default joint-phase learning rate
 MSVIT_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-DIT_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7]
+DIT_THRESHOLDS = [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7]
+DIT_RUNS = HERE / "dit_study" / "runs"
 COMMON = ["--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "50", "--disable_tqdm", "true"]
 
 
@@ -76,7 +98,7 @@ def static_jobs(runs: Path, quick: bool) -> dict:
         "vit32": [*VIT, "--patch_size", "32", *vit_steps],
         "pvt_b0": ["--model_type", "dit_routing", "--pvt_variant", "b0", *pvt_steps],
     }
-    return {
+    jobs = {
         f"{kind}_lr{lr}": (
             runs / f"{kind}_lr{lr}",
             [*args, "--backbone_only", "true", "--backbone_learning_rate", str(lr)],
@@ -84,62 +106,46 @@ def static_jobs(runs: Path, quick: bool) -> dict:
         for kind, args in kinds.items()
         for lr in SWEEPS[kind]
     }
-
-
-def dynamic_jobs(runs: Path, best: dict, quick: bool) -> dict:
-    vit16, pvt = best["vit16"] / "phase-backbone" / "final", best["pvt_b0"] / "phase-backbone" / "final"
-    msvit_steps = steps(
-        quick,
-        ["--gate_only_epochs", "2", "--num_train_epochs", "6"],
-        ["--gate_only_max_steps", "3", "--max_steps", "3"],
-    )
-    dit_steps = steps(
-        quick,
-        ["--gate_only_max_steps", "90", "--max_steps", "180", "--learning_rate", "5e-4"],
-        ["--gate_only_max_steps", "3", "--max_steps", "3"],
-    )
-    jobs = {}
-    for seed in SEEDS:
-        for target in TARGETS:
-            args = [
-                "--model_name_or_path",
-                str(vit16),
-                "--coarse_patch_size",
-                "32",
-                "--gbas_target_ratio",
-                str(target),
-            ]
-            jobs[f"msvit_t{target}_s{seed}"] = (
-                runs / f"msvit_t{target}_s{seed}",
-                [*args, *msvit_steps, "--gate_learning_rate", "1e-2", "--seed", str(seed)],
-            )
-        for budget in BUDGETS:
-            args = ["--model_name_or_path", str(pvt), "--budget_target", str(budget), "--budget_loss_weight", "10"]
-            jobs[f"dit_b{budget}_s{seed}"] = (
-                runs / f"dit_b{budget}_s{seed}",
-                [*args, *dit_steps, "--gate_learning_rate", "1e-3", "--seed", str(seed)],
-            )
+    if not quick:  # PVTv2-b0 at 6e-4 is the backbone dit_study.py upcycles: one run folder for both studies
+        jobs["pvt_b0_lr0.0006"] = (DIT_RUNS / "pvt_b0", jobs["pvt_b0_lr0.0006"][1])
     return jobs
 
 
-def coarse_vit_from_vit16(vit16_dir: Path, output_dir: Path, quick: bool) -> Path:
+def msvit_jobs(runs: Path, vit16: Path, quick: bool) -> dict:
+    """MSViT from the ViT/16 checkpoint: the example's defaults and the paper's recipe, every target and seed."""
+    length = ["--gate_only_max_steps", "3", "--max_steps", "3"] if quick else []
+    jobs = {}
+    for recipe, extra in MSVIT_RECIPES.items():
+        for target in MSVIT_RECIPE_TARGETS[recipe]:
+            for seed in SEEDS:
+                args = ["--model_name_or_path", str(vit16), "--gbas_target_ratio", str(target), "--seed", str(seed)]
+                name = f"msvit_{recipe}t{target}_s{seed}"
+                jobs[name] = (runs / name, [*args, *extra, *length])
+    return jobs
+
+
+def dit_jobs(runs: Path, pvt: Path, quick: bool) -> dict:
+    """dit_study.py's runs (its folders, but for a quick run): the package's recipe at both budgets, the paper's at
+    0.8."""
+    import dit_study
+
+    if not quick and pvt != DIT_RUNS / "pvt_b0" / "phase-backbone" / "final":
+        raise RuntimeError(f"The best PVTv2-b0 is {pvt}, not the one dit_study.py's runs start from: re-run them.")
+    selected = {}
+    for name, job in dit_study.jobs(runs / "dit" if quick else DIT_RUNS, quick, pvt).items():
+        if name.startswith("sparse_b") or name.startswith("paper_b0.8"):
+            selected[name] = job
+    return selected
+
+
+def all_coarse_vit(vit16):
     """The ViT/32 that computes what MSViT computes with every region coarse, from a ViT/16 (exact: a coarse token is
     the 16 px embedding of the region averaged 2x2, i.e. a 32 px kernel made of the 16 px kernel's pixels repeated 2x2
-    over 4; coarse positions are the 2x2 means of the fine ones), fine-tuned for the 8 epochs MSViT trains (2 + 6)."""
-    marker = output_dir / "study_done.json"
-    if marker.exists():
-        return output_dir
-    from transformers import AutoImageProcessor, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+    over 4; coarse positions are the 2x2 means of the fine ones)."""
+    from transformers import ViTConfig, ViTForImageClassification
 
-    from hf_msvit.data import load_digits_on_canvas
-    from hf_msvit.training import ImageTransform, collate_fn
-
-    started = time.time()
-    torch.set_num_threads(2)
-    fine = ViTForImageClassification.from_pretrained(vit16_dir)
-    config = ViTConfig(**{**fine.config.to_dict(), "patch_size": 32})
-    coarse = ViTForImageClassification(config)
-    state = fine.state_dict()
+    coarse = ViTForImageClassification(ViTConfig(**{**vit16.config.to_dict(), "patch_size": 32}))
+    state = vit16.state_dict()
     kernel = state["vit.embeddings.patch_embeddings.projection.weight"]
     state["vit.embeddings.patch_embeddings.projection.weight"] = (
         kernel.repeat_interleave(2, 2).repeat_interleave(2, 3) / 4
@@ -150,32 +156,68 @@ def coarse_vit_from_vit16(vit16_dir: Path, output_dir: Path, quick: bool) -> Pat
     pooled = torch.nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
     state["vit.embeddings.position_embeddings"] = torch.cat([positions[:, :1], pooled], dim=1)
     coarse.load_state_dict(state)
-    processor = AutoImageProcessor.from_pretrained(vit16_dir)
-    data = load_digits_on_canvas(copies=1 if quick else 2)
-    train = data["train"].with_transform(ImageTransform(processor))
+    return coarse
+
+
+def fine_tune_static(source: Path, output_dir: Path, length: dict, quick: bool, convert=None) -> Path:
+    """A fair baseline: the static checkpoint `source` (optionally `convert`ed) trained further with the Trainer, at
+    the joint phase's learning rate, for `length` (`num_train_epochs` or `max_steps`). Returns `output_dir`."""
+    marker = output_dir / "study_done.json"
+    if marker.exists():
+        return output_dir
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
+
+    from hf_msvit.data import load_digits_on_canvas
+    from hf_msvit.training import ImageTransform, collate_fn
+
+    started = time.time()
+    torch.set_num_threads(1)
+    model = AutoModelForImageClassification.from_pretrained(source)
+    model = convert(model) if convert else model
+    processor = AutoImageProcessor.from_pretrained(source)
+    train = load_digits_on_canvas(copies=1 if quick else 2)["train"].with_transform(ImageTransform(processor))
     args = TrainingArguments(
-        output_dir=str(output_dir), num_train_epochs=8, max_steps=3 if quick else -1, learning_rate=5e-4,
+        output_dir=str(output_dir), **({"max_steps": 3} if quick else length), learning_rate=JOINT_LEARNING_RATE,
         weight_decay=0.05, per_device_train_batch_size=32, save_strategy="no", report_to="none", use_cpu=True,
         remove_unused_columns=False, logging_steps=50, disable_tqdm=True, seed=0,
     )  # fmt: skip
-    Trainer(model=coarse, args=args, train_dataset=train, data_collator=collate_fn).train()
-    coarse.save_pretrained(output_dir / "final")
+    Trainer(model=model, args=args, train_dataset=train, data_collator=collate_fn).train()
+    model.save_pretrained(output_dir / "final")
     processor.save_pretrained(output_dir / "final")
     marker.write_text(json.dumps({"seconds": time.time() - started}))
     return output_dir
 
 
-class Validation:
-    """The validation split, preprocessed once per image-processor setting."""
+def fair_jobs(runs: Path, best_dirs: dict, quick: bool) -> dict:
+    """`{name: (label, family, source checkpoint, length, convert, folder)}` of the equal-training baselines."""
+    final = {kind: path / "phase-backbone" / "final" for kind, path in best_dirs.items()}
+    epochs, steps = {"num_train_epochs": MSVIT_PHASE_EPOCHS}, DIT_STEPS["sparse"]
+    return {
+        "vit16_fair": (f"ViT/16, + {MSVIT_PHASE_EPOCHS} epochs (MSViT's training)", "msvit", final["vit16"], epochs,
+                       None, runs / "vit16_fair"),
+        "vit32_fair": (f"ViT/32, + {MSVIT_PHASE_EPOCHS} epochs", "msvit", final["vit32"], epochs, None,
+                       runs / "vit32_fair"),
+        "vit16_to_coarse": (f"ViT/16 -> all-coarse ViT/32, + {MSVIT_PHASE_EPOCHS} epochs", "msvit", final["vit16"],
+                            epochs, all_coarse_vit, runs / "vit16_to_coarse"),
+        # the folder dit_study.py trains the same baseline in
+        "pvt_b0_fair": (f"PVTv2-b0, + {steps} steps (DiT's training)", "dit", final["pvt_b0"], {"max_steps": steps},
+                        None, runs / "pvt_b0_fair" if quick else DIT_RUNS / f"pvt_b0_plus{steps}"),
+    }  # fmt: skip
 
-    def __init__(self, quick: bool):
-        from hf_msvit.data import load_digits_on_canvas
 
-        split = load_digits_on_canvas(copies=1 if quick else 2)["validation"]
-        if quick:
-            split = split.select(range(64))
-        self.images = [image.convert("RGB") for image in split["image"]]
-        self.labels = torch.tensor(split["label"])
+class Split:
+    """One split of the built-in data (or a variant of it), preprocessed once per image-processor setting."""
+
+    def __init__(self, name: str, quick: bool, images=None, labels=None, **data_kwargs):
+        if images is None:
+            from hf_msvit.data import load_digits_on_canvas
+
+            split = load_digits_on_canvas(copies=1 if quick else 2, **data_kwargs)[name]
+            split = split.select(range(64)) if quick else split
+            images, labels = split["image"], split["label"]
+        self.name = name
+        self.images = [image.convert("RGB") for image in images]
+        self.labels = torch.tensor(labels) if labels is not None else None
         self._cache = {}
 
     def pixels(self, processor) -> torch.Tensor:
@@ -183,6 +225,20 @@ class Validation:
         if key not in self._cache:
             self._cache[key] = processor(self.images, return_tensors="pt")["pixel_values"]
         return self._cache[key]
+
+
+def photo_tiles(size: int = 96) -> "Split":
+    """scikit-learn's two photographs cut into `size` px tiles (unlabelled): a distribution no model trained on."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    tiles = []
+    for photo in load_sample_images().images:
+        image = Image.fromarray(photo)
+        for top in range(0, image.height - size + 1, size):
+            for left in range(0, image.width - size + 1, size):
+                tiles.append(image.crop((left, top, left + size, top + size)))
+    return Split("photo_tiles", False, images=tiles)
 
 
 @torch.no_grad()
@@ -193,22 +249,23 @@ def evaluate(model, pixel_values, labels, static_gmacs: float, batch_size: int =
 
     model.eval()
     correct, gmacs, ratios = [], [], []
-    for start in range(0, len(labels), batch_size):
+    for start in range(0, len(pixel_values), batch_size):
         outputs = model(pixel_values[start : start + batch_size], **forward_kwargs)
-        correct += (outputs.logits.argmax(-1) == labels[start : start + batch_size]).tolist()
+        if labels is not None:
+            correct += (outputs.logits.argmax(-1) == labels[start : start + batch_size]).tolist()
         spent = ComputeSpent.from_outputs(outputs)
         if spent is not None:
             gmacs += (spent.macs.double() / 1e9).tolist()
             ratios += spent.token_ratio.tolist()
     correct = np.array(correct, dtype=float)
-    gmacs = np.array(gmacs) if gmacs else np.full(len(correct), static_gmacs)
+    gmacs = np.array(gmacs) if gmacs else np.full(len(pixel_values), static_gmacs)
     result = {
-        "accuracy": float(correct.mean()),
-        "accuracy_se": float(correct.std(ddof=1) / math.sqrt(len(correct))),
         "gmacs": float(gmacs.mean()),
         "gmacs_std": float(gmacs.std()),
         "macs_fraction": float(gmacs.mean() / static_gmacs),
     }
+    if len(correct):
+        result.update(accuracy=float(correct.mean()), accuracy_se=float(correct.std(ddof=1) / math.sqrt(len(correct))))
     if ratios:
         result.update(token_ratio=float(np.mean(ratios)), token_ratio_std=float(np.std(ratios)))
     return result
@@ -241,65 +298,101 @@ def train_ratios(run_dir: Path) -> dict:
     return {"train_token_ratio": ratio, "train_macs_fraction": results.get("train_macs_fraction")}
 
 
-def evaluate_static(runs: dict, validation: Validation) -> dict:
-    """`{run name: metrics}` of the static sweeps' final models."""
+def evaluate_static(runs: dict, splits: dict) -> dict:
+    """`{run name: test metrics + validation accuracy}` of static checkpoints (`{name: checkpoint folder}`)."""
     results = {}
-    for name, run_dir in runs.items():
-        path = run_dir / "phase-backbone" / "final"
+    for name, path in runs.items():
         model, processor = load(path)
-        results[name] = evaluate(model, validation.pixels(processor), validation.labels, static_gmacs(path))
+        gmacs = static_gmacs(path)
+        results[name] = evaluate(model, splits["test"].pixels(processor), splits["test"].labels, gmacs)
+        validation = evaluate(model, splits["validation"].pixels(processor), splits["validation"].labels, gmacs)
+        results[name]["validation_accuracy"] = validation["accuracy"]
         print(name, json.dumps(results[name]), flush=True)
     return results
 
 
 def best_of_sweeps(static: dict, runs: dict) -> tuple[dict, dict]:
-    """The best learning rate of each sweep (validation accuracy): `({kind: run dir}, {kind: run name})`."""
+    """The best learning rate of each sweep (by VALIDATION accuracy): `({kind: run dir}, {kind: run name})`."""
     best_dirs, best_names = {}, {}
     for kind in SWEEPS:
-        name = max((n for n in static if n.startswith(kind + "_lr")), key=lambda n: static[n]["accuracy"])
+        candidates = [n for n in static if n.startswith(kind + "_lr")]
+        name = max(candidates, key=lambda n: static[n]["validation_accuracy"])
         best_dirs[kind], best_names[kind] = runs[name], name
     return best_dirs, best_names
 
 
-def evaluate_dynamic(runs: dict, validation: Validation) -> dict:
-    """Every dynamic run at its default operating point and along its threshold sweep."""
+def level_diagnostics(model, processor, splits: dict) -> dict:
+    """MSViT's level: the logit offset calibration subtracts, the test ratio and accuracy with calibration off, and the
+    fine ratio (calibrated / not) on distributions it was not trained on."""
+    gate = model.msvit.embeddings.gate
+    static = model.static_macs() / 1e9
+    result = {"logit_offset": float(gate.logit_offset)}
+    for calibrated in (True, False):
+        gate.calibration = calibrated
+        suffix = "" if calibrated else "_uncalibrated"
+        if not calibrated:
+            test = evaluate(model, splits["test"].pixels(processor), splits["test"].labels, static)
+            result.update(accuracy_uncalibrated=test["accuracy"], token_ratio_uncalibrated=test["token_ratio"])
+        for name in ("blank", "photo_tiles"):
+            result[f"{name}_token_ratio{suffix}"] = evaluate(model, splits[name].pixels(processor), None, static)[
+                "token_ratio"
+            ]
+    gate.calibration = model.config.gate_level_calibration
+    return result
+
+
+def evaluate_dynamic(runs: dict, splits: dict) -> dict:
+    """Every dynamic run on test at its default operating point and along its threshold sweep (validation accuracy
+    beside it); MSViT runs with their level diagnostics."""
     results = {}
     for name, run_dir in runs.items():
         model, processor = load(run_dir)
-        pixels, static = validation.pixels(processor), model.static_macs() / 1e9
+        pixels, labels, static = splits["test"].pixels(processor), splits["test"].labels, model.static_macs() / 1e9
         thresholds = MSVIT_THRESHOLDS if name.startswith("msvit") else DIT_THRESHOLDS
-        sweep = {t: evaluate(model, pixels, validation.labels, static, gate_threshold=t) for t in thresholds}
-        results[name] = {"eval": sweep[0.5], "sweep": sweep, **train_ratios(run_dir)}
+        sweep = {t: evaluate(model, pixels, labels, static, gate_threshold=t) for t in thresholds}
+        validation = evaluate(model, splits["validation"].pixels(processor), splits["validation"].labels, static)
+        results[name] = {"eval": sweep[0.5], "sweep": sweep, "validation_accuracy": validation["accuracy"],
+                         **train_ratios(run_dir)}  # fmt: skip
+        if name.startswith("msvit"):
+            results[name].update(level_diagnostics(model, processor, splits))
         print(name, json.dumps(results[name]["eval"]), flush=True)
     return results
 
 
+GROUPS = {  # summary row: (family, name prefix, label, target label)
+    **{("msvit", f"msvit_t{t}_"): (f"MSViT target {t} (example defaults)", f"fine {t}") for t in TARGETS},
+    ("msvit", "msvit_paper_t0.5_"): ("MSViT target 0.5, the paper's recipe", "fine 0.5"),
+    **{("dit", f"sparse_b{b}_"): (f"DiT-b0 budget {b}", f"compute {b}") for b in BUDGETS},
+    ("dit", "paper_b0.8_"): ("DiT-b0 budget 0.8, the paper's recipe", "compute 0.8"),
+}
+SPREAD_KEYS = ("accuracy", "token_ratio", "macs_fraction", "gmacs")
+LEVEL_KEYS = ("logit_offset", "accuracy_uncalibrated", "token_ratio_uncalibrated", "blank_token_ratio",
+              "blank_token_ratio_uncalibrated", "photo_tiles_token_ratio", "photo_tiles_token_ratio_uncalibrated",
+              "train_token_ratio", "train_macs_fraction", "validation_accuracy")  # fmt: skip
+
+
 def summarize(dynamic: dict) -> list[dict]:
-    """Mean and spread over seeds per (family, target)."""
+    """Mean and [min, max] over seeds per group of runs."""
     rows = []
-    for family, targets in (("msvit", TARGETS), ("dit", BUDGETS)):
-        for target in targets:
-            runs = [
-                r for n, r in dynamic.items() if n.startswith(f"{family}_{'t' if family == 'msvit' else 'b'}{target}_")
-            ]
-            row = {"family": family, "target": target, "seeds": len(runs)}
-            for key, source in (
-                ("accuracy", "eval"),
-                ("token_ratio", "eval"),
-                ("macs_fraction", "eval"),
-                ("gmacs", "eval"),
-            ):
-                values = [r[source][key] for r in runs]
+    for (family, prefix), (label, target_label) in GROUPS.items():
+        runs = [r for n, r in dynamic.items() if n.startswith(prefix)]
+        if not runs:
+            continue
+        target = float(prefix.rstrip("_").split("_")[-1][1:])
+        row = {"family": family, "target": target, "seeds": len(runs), "label": label, "target_label": target_label}
+        for key, values in [(k, [r["eval"][k] for r in runs]) for k in SPREAD_KEYS] + [
+            (k, [r[k] for r in runs if r.get(k) is not None]) for k in LEVEL_KEYS
+        ]:
+            if values:
                 row[key], row[key + "_min"], row[key + "_max"] = float(np.mean(values)), min(values), max(values)
-            for key in ("train_token_ratio", "train_macs_fraction"):
-                values = [r[key] for r in runs if r.get(key) is not None]
-                row[key] = float(np.mean(values)) if values else None
-            sweeps = [r["sweep"] for r in runs]
-            row["sweep"] = {
-                t: {k: float(np.mean([s[t][k] for s in sweeps])) for k in ("accuracy", "gmacs", "token_ratio")}
-                for t in sweeps[0]
-            }
-            rows.append(row)
+            elif key in ("train_token_ratio", "train_macs_fraction"):
+                row[key] = None
+        sweeps = [r["sweep"] for r in runs]
+        row["sweep"] = {
+            t: {k: float(np.mean([s[t][k] for s in sweeps])) for k in ("accuracy", "gmacs", "token_ratio")}
+            for t in sweeps[0]
+        }
+        rows.append(row)
     return rows
 
 
@@ -315,37 +408,54 @@ def main():
     global SEEDS
     if args.quick:
         SEEDS = [0]
+    splits = {name: Split(name, args.quick) for name in ("validation", "test")}
+    splits["blank"] = Split("test", args.quick, background="blank")
+    splits["photo_tiles"] = photo_tiles()
 
     static_runs = run_all(static_jobs(runs_dir, args.quick))
-    validation = Validation(args.quick)
-    static = evaluate_static(static_runs, validation)
+    static = evaluate_static({n: p / "phase-backbone" / "final" for n, p in static_runs.items()}, splits)
     best_dirs, best_names = best_of_sweeps(static, static_runs)
-    coarse_dir = coarse_vit_from_vit16(
-        best_dirs["vit16"] / "phase-backbone" / "final", runs_dir / "vit16_to_coarse", args.quick
-    )
-    model, processor = load(coarse_dir / "final")
-    coarse = evaluate(model, validation.pixels(processor), validation.labels, static_gmacs(coarse_dir / "final"))
-    dynamic_runs = run_all(dynamic_jobs(runs_dir, best_dirs, args.quick))
-    dynamic = evaluate_dynamic(dynamic_runs, validation)
-    train_seconds = sum(json.loads((p / "study_done.json").read_text())["seconds"] for p in
-                        [*static_runs.values(), coarse_dir, *dynamic_runs.values()])  # fmt: skip
-
+    baselines, fair_dirs = fair_baselines(runs_dir, best_dirs, splits, args.quick)
+    vit16 = best_dirs["vit16"] / "phase-backbone" / "final"
+    pvt = best_dirs["pvt_b0"] / "phase-backbone" / "final"
+    dynamic_runs = run_all({**msvit_jobs(runs_dir, vit16, args.quick), **dit_jobs(runs_dir, pvt, args.quick)})
+    dynamic = evaluate_dynamic(dynamic_runs, splits)
+    seconds = [json.loads((p / "study_done.json").read_text())["seconds"]
+               for p in [*static_runs.values(), *fair_dirs, *dynamic_runs.values()]]  # fmt: skip
     payload = {
         "quick": args.quick,
+        "split": "test",
         "static": static,
         "best": best_names,
-        "vit16_to_coarse": coarse,
+        "baselines": baselines,
         "dynamic": dynamic,
         "summary": summarize(dynamic),
-        "num_images": len(validation.labels),
-        "train_seconds": train_seconds,
+        "num_images": len(splits["test"].labels),
+        "train_seconds": sum(seconds),
         "wall_seconds": time.time() - started,
     }
     write_atomic(out / "results.json", json.dumps(payload, indent=1))
     write_atomic(out / "results.md", render_tables(payload))
     plot(payload, out / "accuracy_vs_gmacs.png")
-    pictures(dynamic_runs, validation, out)
+    pictures(dynamic_runs, splits["test"], out)
     print((out / "results.md").read_text())
+
+
+def fair_baselines(runs_dir: Path, best_dirs: dict, splits: dict, quick: bool) -> tuple[list[dict], list[Path]]:
+    """Trains (two at a time) and evaluates the equal-training baselines: `(rows, run folders)`."""
+    jobs = fair_jobs(runs_dir, best_dirs, quick)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(fine_tune_static, source, folder, length, quick, convert)
+                   for name, (_, _, source, length, convert, folder) in jobs.items()}  # fmt: skip
+        dirs = {name: future.result() for name, future in futures.items()}
+    results = evaluate_static({name: path / "final" for name, path in dirs.items()}, splits)
+    reference = {"msvit": "vit16", "dit": "pvt_b0"}
+    rows = []
+    for name, (label, family, *_rest) in jobs.items():
+        static = static_gmacs(best_dirs[reference[family]] / "phase-backbone" / "final")
+        rows.append({"name": name, "label": label, "family": family, **results[name],
+                     "macs_fraction": results[name]["gmacs"] / static})  # fmt: skip
+    return rows, list(dirs.values())
 
 
 def write_atomic(path: Path, text: str):
@@ -354,86 +464,38 @@ def write_atomic(path: Path, text: str):
     tmp.replace(path)
 
 
-def pictures(dynamic_runs: dict, validation: Validation, out: Path, count: int = 3):
+def pictures(dynamic_runs: dict, split: Split, out: Path, count: int = 3):
     from hf_msvit.visualization import visualize
 
-    for prefix, name in (("msvit", f"msvit_t0.25_s{SEEDS[0]}"), ("dit", f"dit_b0.8_s{SEEDS[0]}")):
+    for prefix, name in (("msvit", f"msvit_t0.25_s{SEEDS[0]}"), ("dit", f"sparse_b0.8_s{SEEDS[0]}")):
         model, processor = load(dynamic_runs[name])
         for index in range(count):
-            visualize(
-                model,
-                validation.images[index],
-                output_path=out / f"{prefix}_gates_{index}.png",
-                image_processor=processor,
-            )
-
-
-def _accuracy(result) -> str:
-    return f"{result['accuracy']:.3f} ± {result['accuracy_se']:.3f}"
-
-
-def _span(row, key, digits=3):
-    return f"{row[key]:.{digits}f} [{row[key + '_min']:.{digits}f}-{row[key + '_max']:.{digits}f}]"
+            visualize(model, split.images[index], output_path=out / f"{prefix}_gates_{index}.png",
+                      image_processor=processor)  # fmt: skip
 
 
 def render_tables(payload) -> str:
-    static, best, n = payload["static"], payload["best"], payload["num_images"]
+    """results.md: the tables README shows (one renderer, benchmarks/readme_tables.py), and the lr sweeps."""
+    from readme_tables import render_msvit_level, render_msvit_seeds, render_study, render_study_thresholds
+
     names = {"vit16": "ViT/16", "vit32": "ViT/32", "pvt_b0": "PVTv2-b0"}
     lines = [
-        f"Validation: {n} images of the built-in data. Accuracy ± its standard error over images; for the dynamic",
-        "models mean [min-max] over 3 seeds (the same upcycled backbone, different gate/fine-tuning seeds).",
-        "Compute is GMACs per image (analytic, as the models report them) and its fraction of the model's static",
-        "backbone. Eval =",
-        "deterministic inference (threshold 0.5); train = the sampled decisions of the last training steps.",
-        f"Training time of all runs: {payload['train_seconds'] / 60:.0f} min of process time; wall clock of the whole",
-        f"study: {payload['wall_seconds'] / 60:.0f} min"
-        + (" (quick smoke run: not for quoting)." if payload["quick"] else "."),
-        "",
-        "**Learning-rate sweeps of the static baselines** (trained from scratch; the best is used below):",
-        "",
-        "| baseline | learning rate | accuracy | GMACs / image |",
-        "|---|---|---|---|",
-    ]
-    for name, result in static.items():
+        "Accuracy ± its standard error over images; dynamic models: mean [min-max] over seeds. Compute: GMACs per",
+        "image (analytic, as the models report them) and its fraction of the static backbone. Eval = deterministic",
+        "inference (threshold 0.5); train = the sampled decisions of the last training steps. Choices on validation,",
+        f"numbers on test. Training: {payload['train_seconds'] / 60:.0f} min of process time; wall clock "
+        f"{payload['wall_seconds'] / 60:.0f} min" + (" (quick smoke run)." if payload["quick"] else "."),
+        "", *render_study(payload), "", "**Learning-rate sweeps** (chosen by validation accuracy):", "",
+        "| baseline | learning rate | validation accuracy | test accuracy | GMACs / image |", "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, result in payload["static"].items():
         kind, lr = name.split("_lr")
-        mark = " (best)" if best[kind] == name else ""
-        lines.append(f"| {names[kind]} | {lr}{mark} | {_accuracy(result)} | {result['gmacs']:.4f} |")
-    lines += ["", "**Accuracy and compute**", "",
-              "| model | accuracy | GMACs / image | compute vs static | token ratio (eval) | target "
-              "| token ratio (train) | compute (train) |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    vit16 = static[best["vit16"]]
-    for label, result in (("ViT/16 (static)", vit16), ("ViT/32 (static)", static[best["vit32"]]),
-                          ("ViT/16 -> all-coarse ViT/32, fine-tuned", payload["vit16_to_coarse"])):  # fmt: skip
-        fraction = result["gmacs"] / vit16["gmacs"]
-        lines.append(f"| {label} | {_accuracy(result)} | {result['gmacs']:.4f} | {fraction:.2f} | - | - | - | - |")
-    pvt = static[best["pvt_b0"]]
-    for row in payload["summary"]:
-        if row["family"] == "dit" and row["target"] == BUDGETS[0]:
-            lines.append(f"| PVTv2-b0 (static) | {_accuracy(pvt)} | {pvt['gmacs']:.4f} | 1.00 | - | - | - | - |")
-        if row["family"] == "msvit":
-            label, target = f"MSViT target {row['target']}", f"fine {row['target']}"
-        else:
-            label, target = f"DiT-b0 budget {row['target']}", f"compute {row['target']}"
-        train_ratio = "-" if row["train_token_ratio"] is None else f"{row['train_token_ratio']:.3f}"
-        train_compute = "-" if row["train_macs_fraction"] is None else f"{row['train_macs_fraction']:.3f}"
-        lines.append(
-            f"| {label} | {_span(row, 'accuracy')} | {row['gmacs']:.4f} | {_span(row, 'macs_fraction')} | "
-            f"{_span(row, 'token_ratio')} | {target} | {train_ratio} | {train_compute} |"
-        )
-    lines += [
-        "",
-        "**Inference threshold sweeps** (`gate_threshold`, one trained model per seed, mean over seeds):",
-        "",
-    ]
-    for row in payload["summary"]:
-        label = f"MSViT target {row['target']}" if row["family"] == "msvit" else f"DiT-b0 budget {row['target']}"
-        thresholds = list(row["sweep"])
-        lines += [f"| {label}: threshold | " + " | ".join(str(t) for t in thresholds) + " |",
-                  "|---|" + "---|" * len(thresholds)]  # fmt: skip
-        for key, digits in (("token_ratio", 3), ("gmacs", 4), ("accuracy", 3)):
-            lines.append(f"| {key} | " + " | ".join(f"{row['sweep'][t][key]:.{digits}f}" for t in thresholds) + " |")
-        lines.append("")
+        mark = " (best)" if payload["best"][kind] == name else ""
+        lines.append(f"| {names[kind]} | {lr}{mark} | {result['validation_accuracy']:.3f} | "
+                     f"{result['accuracy']:.3f} ± {result['accuracy_se']:.3f} | {result['gmacs']:.4f} |")  # fmt: skip
+    lines += ["", "**MSViT's level**", "", *render_msvit_level(payload), "", "**Threshold sweeps**", "",
+              *render_study_thresholds(payload), "", "**MSViT per seed**", "",
+              *render_msvit_seeds(payload)]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -453,25 +515,23 @@ def plot(payload, path: Path):
         color="tab:blue",
         label="static ViT (line between)",
     )
-    coarse = payload["vit16_to_coarse"]
-    left.plot(
-        [coarse["gmacs"]], [coarse["accuracy"]], "D", color="tab:purple", label="ViT/16 -> all-coarse, fine-tuned"
-    )
+    markers = {"msvit": ("D", left), "dit": ("D", right)}
+    for row in payload["baselines"]:
+        marker, ax = markers[row["family"]]
+        ax.plot([row["gmacs"]], [row["accuracy"]], marker, fillstyle="none", label=row["label"])
     pvt = static[best["pvt_b0"]]
     right.plot([pvt["gmacs"]], [pvt["accuracy"]], "s", color="tab:green", label="PVTv2-b0 (static)")
-    colors = {0.25: "tab:orange", 0.5: "tab:red", 0.6: "tab:orange", 0.8: "tab:red"}
-    for row in payload["summary"]:
-        ax = left if row["family"] == "msvit" else right
-        label = f"MSViT target {row['target']}" if row["family"] == "msvit" else f"DiT-b0 budget {row['target']}"
+    for index, row in enumerate(payload["summary"]):
+        ax, color = (left if row["family"] == "msvit" else right), f"C{index}"
         sweep = sorted(row["sweep"].values(), key=lambda r: r["gmacs"])
-        ax.plot([r["gmacs"] for r in sweep], [r["accuracy"] for r in sweep], ".--", color=colors[row["target"]],
-                label=label + ": threshold sweep")  # fmt: skip
+        ax.plot([r["gmacs"] for r in sweep], [r["accuracy"] for r in sweep], ".--", color=color,
+                label=row["label"] + ": threshold sweep")  # fmt: skip
         err = [[row["accuracy"] - row["accuracy_min"]], [row["accuracy_max"] - row["accuracy"]]]
-        ax.errorbar([row["gmacs"]], [row["accuracy"]], yerr=err, fmt="o", color=colors[row["target"]], capsize=3)
+        ax.errorbar([row["gmacs"]], [row["accuracy"]], yerr=err, fmt="o", color=color, capsize=3)
     for ax, title in ((left, "MSViT vs ViT"), (right, "DiT vs PVTv2")):
         ax.set_title(title)
-        ax.set_xlabel("GMACs per image (mean over the validation set)")
-        ax.set_ylabel("validation accuracy")
+        ax.set_xlabel("GMACs per image (mean over the test split)")
+        ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

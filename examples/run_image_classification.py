@@ -215,6 +215,13 @@ class ModelArguments:
     gate_training_mode: str | None = field(
         default=None, metadata={"help": "MSViT: `masked_attention` or `straight_through` (selected tokens only)."}
     )
+    joint_gate_training_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "MSViT: `gate_training_mode` of the joint phase (e.g. `straight_through`: only the selected "
+            "tokens, a cheaper step); default: the config's, as in the gate-only phase."
+        },
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={
@@ -695,8 +702,10 @@ def train_gates(model, context: RunContext, model_args: ModelArguments, gate_lr:
         unfreeze_all(model)
 
 
-def train_jointly(model, context: RunContext, gate_lr: float) -> dict:
-    """Joint phase: everything at `--learning_rate`, the gates at `gate_lr`."""
+def train_jointly(model, context: RunContext, gate_lr: float, gate_training_mode: str | None = None) -> dict:
+    """Joint phase: everything at `--learning_rate`, the gates at `gate_lr` (MSViT: in `gate_training_mode`)."""
+    if gate_training_mode is not None and model.config.model_type == "msvit":
+        model.config.gate_training_mode = gate_training_mode
     return run_phase("joint", model, context, {}, gate_learning_rate=gate_lr)
 
 
@@ -715,7 +724,7 @@ def train(start: StartingPoint, context: RunContext, model_args: ModelArguments)
     if model_args.gate_only_epochs > 0 or model_args.gate_only_max_steps > 0:
         summary.phases["gate"] = train_gates(model, context, model_args, gate_lr)
     if args.do_train and (args.num_train_epochs > 0 or args.max_steps > 0):
-        summary.phases["joint"] = train_jointly(model, context, gate_lr)
+        summary.phases["joint"] = train_jointly(model, context, gate_lr, model_args.joint_gate_training_mode)
     return model, summary
 
 

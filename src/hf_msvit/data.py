@@ -217,7 +217,14 @@ def load_digits_on_canvas(
     )
     splits = {}
     rendered = _render_splits(
-        canvas_size, digit_size, copies, (validation_fraction, test_fraction), noise_std, seed, position_step, background
+        canvas_size,
+        digit_size,
+        copies,
+        (validation_fraction, test_fraction),
+        noise_std,
+        seed,
+        position_step,
+        background,
     )
     for split, (sources, images, labels, positions, _) in rendered.items():
         columns = {"image": images, "label": labels, "source_index": sources.tolist()}
@@ -257,7 +264,14 @@ def load_digits_on_canvas_segmentation(
     )
     splits = {}
     rendered = _render_splits(
-        canvas_size, digit_size, copies, (validation_fraction, test_fraction), noise_std, seed, position_step, background
+        canvas_size,
+        digit_size,
+        copies,
+        (validation_fraction, test_fraction),
+        noise_std,
+        seed,
+        position_step,
+        background,
     )
     for split, (sources, images, labels, _, masks) in rendered.items():
         maps = [Image.fromarray((mask * (1 + label)).astype(np.uint8), mode="L") for mask, label in zip(masks, labels)]

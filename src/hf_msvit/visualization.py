@@ -168,9 +168,7 @@ def visualize_dit(model, image, image_processor=None, gate_threshold=None, scale
 
 def dit_picture(image: Image.Image, pixel_values, outputs, scale=None, index: int = 0) -> Image.Image:
     """The picture of image `index` of a DiT forward that already ran: the image next to its route."""
-    routing = draw_dit_routing(
-        outputs.stage_keep_ratio[index].float().cpu(), outputs.downsampled[index].float().cpu()
-    )
+    routing = draw_dit_routing(outputs.stage_keep_ratio[index].float().cpu(), outputs.downsampled[index].float().cpu())
     if scale is None:
         scale = max(1, routing.height // max(pixel_values.shape[-2:]))
     shown = _display_image(pixel_values, image, scale)

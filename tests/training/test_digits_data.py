@@ -10,9 +10,9 @@ pytest.importorskip("sklearn")
 from hf_msvit.data import (  # noqa: E402 (after the importorskips)
     DIGIT_NAMES,
     SEGMENTATION_LABELS,
+    _split_indices,
     load_digits_on_canvas,
     load_digits_on_canvas_segmentation,
-    _split_indices,
     region_detail_fraction,
 )
 

@@ -741,12 +741,18 @@ class MSViTModel(MSViTPreTrainedModel):
         return loss
 
     def _level_loss(self, logits: torch.Tensor) -> torch.Tensor:
-        """Squared distance of the batch's `(1 - target)` logit quantile from where inference thresholds: zero when a
-        target fraction of regions scores `p >= gate_threshold` (linear in the logits: no vanishing gradient)."""
+        """The level term: `shift^2`, where `shift` is how far the batch's `(1 - target)` logit quantile lies from
+        where inference thresholds. Its gradient moves every logit by the same amount (the mean logit towards where a
+        shift of the whole distribution puts the quantile at the threshold), leaving the spread to GBaS; it is linear
+        in the logits, so it does not vanish when the gate saturates."""
         config = self.config
-        level = torch.quantile(logits.float().flatten(), 1.0 - config.gbas_target_ratio)
-        threshold = torch.logit(torch.tensor(float(config.gate_threshold))).clamp(-20.0, 20.0)
-        return (level - threshold.to(level.device)).pow(2)
+        logits = logits.float().flatten()
+        threshold = (
+            math.log(config.gate_threshold / (1.0 - config.gate_threshold)) if 0 < config.gate_threshold < 1 else 0.0
+        )
+        shift = (torch.quantile(logits.detach(), 1.0 - config.gbas_target_ratio) - threshold).detach()
+        wanted_mean = logits.mean().detach() - shift
+        return (logits.mean() - wanted_mean).pow(2)
 
     def token_macs(self, tokens: MSViTTokens) -> torch.Tensor:
         """`(batch,)` MACs of the chosen tokenization: encoder, patch embedding, gate (when it ran), pooler."""
