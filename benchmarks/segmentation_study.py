@@ -68,16 +68,16 @@ def load_example():
     return sys.modules[name]
 
 
-QUICK_STATIC = ["--static_max_steps", "4"]
+QUICK_STATIC = ["--backbone_max_steps", "4"]
 QUICK_DYNAMIC = ["--gate_only_max_steps", "2", "--max_steps", "2"]
 # Batch 16: on this data twice the optimizer steps of batch 32 per epoch learned the digit classes in fewer epochs.
 BATCH = ["--per_device_train_batch_size", "16"]
 
 
 def msvit_runs(runs: Path, quick: bool) -> list[Run]:
-    static = QUICK_STATIC if quick else ["--static_epochs", "6", "--static_learning_rate", "1e-3"]
+    static = QUICK_STATIC if quick else ["--backbone_epochs", "6", "--backbone_learning_rate", "1e-3"]
     dynamic = QUICK_DYNAMIC if quick else ["--gate_only_epochs", "1", "--num_train_epochs", "2"]
-    vit = Run("ViT/8 (static)", "vit", ["--model_type", "msvit", *BATCH, *static, "--static_only", "true"])
+    vit = Run("ViT/8 (static)", "vit", ["--model_type", "msvit", *BATCH, *static, "--backbone_only", "true"])
     vit.eval_kwargs = {"all_fine": True}
     chain = [vit]
     for target in MSVIT_TARGETS:
@@ -91,13 +91,13 @@ def msvit_runs(runs: Path, quick: bool) -> list[Run]:
 def dit_runs(runs: Path, quick: bool) -> list[Run]:
     # UperNet on this small PVTv2 learns the digit classes later than the ViT does (after 6 epochs it still gave the
     # background the highest probability on most strokes), hence 10 epochs.
-    static = QUICK_STATIC if quick else ["--static_epochs", "10", "--static_learning_rate", "2e-3"]
+    static = QUICK_STATIC if quick else ["--backbone_epochs", "10", "--backbone_learning_rate", "2e-3"]
     dynamic = QUICK_DYNAMIC if quick else ["--gate_only_epochs", "0.5", "--num_train_epochs", "1"]
     pvt = Run("PVTv2 + UperNet (static)", "pvt", ["--model_type", "dit_routing", *BATCH, *static,
-                                                 "--static_only", "true"])  # fmt: skip
+                                                 "--backbone_only", "true"])  # fmt: skip
     chain = [pvt]
     for budget in DIT_BUDGETS:
-        args = ["--model_name_or_path", str(runs / pvt.name), "--static_epochs", "0", "--budget_target", str(budget),
+        args = ["--model_name_or_path", str(runs / pvt.name), "--backbone_epochs", "0", "--budget_target", str(budget),
                 "--learning_rate", "2e-4", *BATCH, *dynamic]  # fmt: skip
         reference = f"DiT budget {budget}, static route"
         chain.append(Run(f"DiT budget {budget} + UperNet", "dit", args, reference, picture=budget == DIT_BUDGETS[-1]))

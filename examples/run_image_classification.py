@@ -48,28 +48,21 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import datasets
 import torch
 import transformers
-from accelerate import PartialState
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_msvit import (
     DiTConfig,
@@ -78,25 +71,20 @@ from hf_msvit import (
     MSViTConfig,
     MSViTForImageClassification,
     MSViTImageProcessor,
-    hub,
+    phases,
 )
 from hf_msvit import data as builtin_data
 from hf_msvit.training import (
     DynamicComputeTrainer,
     ImageTransform,
     collate_fn,
-    freeze_all_but_gates,
     make_compute_metrics,
     ratio_metric_name,
     static_macs,
-    unfreeze_all,
 )
 
 
 logger = logging.getLogger(__name__)
-
-DONE_MARKER = "phase_complete.json"
-PHASES = ("backbone", "gate", "joint")
 
 
 @dataclass(frozen=True)
@@ -334,64 +322,6 @@ class DataTrainingArguments:
     digit_copies: int = field(default=2, metadata={"help": "Built-in dataset: renderings of each handwritten digit."})
 
 
-def has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
-def launch_defaults() -> dict:
-    """Several processes (torchrun, accelerate launch) on a machine without GPU: train on CPU in one gloo group.
-
-    Without it, `TrainingArguments` would give every process its own independent run on the full data. Applied as a
-    default, so an explicit `--use_cpu` / `--ddp_backend` still wins.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator():
-        return {"use_cpu": True, "ddp_backend": "gloo"}
-    return {}
-
-
-def parse_args(argv=None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
-    """Command line (or one JSON file) over `SCRIPT_TRAINING_DEFAULTS`, into plain `TrainingArguments` (so the
-    `training_args.bin` in checkpoints loads without this script)."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    defaults = {**SCRIPT_TRAINING_DEFAULTS, **launch_defaults()}
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        with open(argv[0]) as handle:
-            return parser.parse_dict({**defaults, **json.load(handle)})
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def check_world_size(training_args: TrainingArguments) -> None:
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and training_args.world_size != launched:
-        raise ValueError(
-            f"Launched as {launched} processes, but training would run {training_args.world_size} independent "
-            "process(es): each would train alone on the full data. On CPU pass `--use_cpu True --ddp_backend gloo`."
-        )
-
-
-def setup_logging(training_args: TrainingArguments) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    logger.warning(
-        "Process rank %s, world size %s, device %s, distributed %s, torch threads %s",
-        training_args.process_index,
-        training_args.world_size,
-        training_args.device,
-        training_args.parallel_mode.value,
-        torch.get_num_threads(),
-    )
-
-
 @dataclass
 class Data:
     splits: datasets.DatasetDict  # train / validation, raw images
@@ -492,26 +422,12 @@ def config_overrides(model_args: ModelArguments, model_type: str, fresh: bool) -
     names = MSVIT_CONFIG_ARGUMENTS if model_type == "msvit" else DIT_CONFIG_ARGUMENTS
     values = dict(FRESH_MODEL_DEFAULTS[model_type].config) if fresh else {}
     values.update({name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None})
-    extra = parse_config_overrides(model_args.config_overrides)
+    extra = phases.parse_config_overrides(model_args.config_overrides)
     known = vars(CONFIG_CLASSES[model_type]())
     unknown = sorted(set(extra) - set(known))
     if unknown:
         raise ValueError(f"--config_overrides names no field of the {model_type} config: {unknown}.")
     return {**values, **extra}
-
-
-def parse_config_overrides(text: str | None) -> dict:
-    """`"a=1,b=true,c=samples"` -> `{"a": 1, "b": True, "c": "samples"}` (JSON scalars, else strings)."""
-    values = {}
-    for item in filter(None, (text or "").split(",")):
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--config_overrides takes `field=value,field=value`; got {item!r} in {text!r}.")
-        try:
-            values[name.strip()] = json.loads(value.strip())
-        except json.JSONDecodeError:
-            values[name.strip()] = value.strip()
-    return values
 
 
 def dynamic_image_processor(model_type: str, source=None, size=None):
@@ -592,140 +508,14 @@ def upcycle(start: StartingPoint, model_args: ModelArguments):
     return UPCYCLERS[start.backbone.config.model_type](start.backbone.eval(), **overrides)
 
 
-@dataclass
-class RunContext:
-    """What every phase of one run shares."""
-
-    training_args: TrainingArguments
-    splits: dict  # with transforms
-    image_processor: object
-    resume: bool
-
-    def args(self, **overrides) -> TrainingArguments:
-        """The run's `TrainingArguments` for one `Trainer` of it: no Hub push of its own (the script pushes once,
-        at the end, through `hf_msvit.hub`), resuming decided per phase."""
-        return dataclasses.replace(self.training_args, push_to_hub=False, resume_from_checkpoint=None, **overrides)
-
-    def trainer(self, model, args: TrainingArguments, **kwargs) -> DynamicComputeTrainer:
-        return DynamicComputeTrainer(
-            model=model,
-            args=args,
-            train_dataset=self.splits.get("train"),
-            eval_dataset=self.splits.get("validation") if args.do_eval else None,
-            compute_metrics=make_compute_metrics(ratio_metric_name(model), static_macs(model)),
-            processing_class=self.image_processor,
-            data_collator=collate_fn,
-            **kwargs,
-        )
-
-
-def restore_completed_phase(model, phase_dir: str) -> dict:
-    """Loads the final weights of a phase that completed in an earlier run into `model`; returns its train metrics."""
-    logger.info("Phase folder %s is complete: loading its final weights.", phase_dir)
-    # from_pretrained applies the checkpoint conversions (e.g. ViT's original key names), then copy in place.
-    restored = type(model).from_pretrained(os.path.join(phase_dir, "final"))
-    model.load_state_dict(restored.state_dict())
-    with open(os.path.join(phase_dir, DONE_MARKER)) as handle:
-        return json.load(handle)
-
-
-def resume_checkpoint(phase_dir: str, requested) -> str | None:
-    """`--resume_from_checkpoint` if it lies in this phase's folder, else the phase's last checkpoint (if any)."""
-    if requested and os.path.isdir(str(requested)):
-        if os.path.abspath(requested).startswith(os.path.abspath(phase_dir) + os.sep):
-            return requested
-    return get_last_checkpoint(phase_dir) if os.path.isdir(phase_dir) else None
-
-
-def run_phase(name: str, model, context: RunContext, overrides: dict, gate_learning_rate=None) -> dict:
-    """One `Trainer` run in `<output_dir>/phase-<name>`, training `model` in place; returns its train metrics.
-
-    `overrides` replace `TrainingArguments` fields for this phase. A phase that completed before is skipped on resume.
-    """
-    phase_dir = os.path.join(context.training_args.output_dir, f"phase-{name}")
-    if context.resume and os.path.isfile(os.path.join(phase_dir, DONE_MARKER)):
-        return restore_completed_phase(model, phase_dir)
-    trainer = context.trainer(
-        model, context.args(output_dir=phase_dir, **overrides), gate_learning_rate=gate_learning_rate
-    )
-    checkpoint = resume_checkpoint(phase_dir, context.training_args.resume_from_checkpoint) if context.resume else None
-    if checkpoint:
-        logger.info("Resuming phase %r from %s", name, checkpoint)
-    metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
-    trainer.save_model(os.path.join(phase_dir, "final"))
-    if trainer.is_world_process_zero():
-        trainer.log_metrics(f"train_{name}", metrics)
-        with open(os.path.join(phase_dir, DONE_MARKER), "w") as handle:
-            json.dump(metrics, handle, indent=2)
-    trainer.accelerator.wait_for_everyone()
-    del trainer
-    gc.collect()
-    return metrics
-
-
-def forget_earlier_runs(training_args: TrainingArguments) -> None:
-    """A new (not resumed) run: markers of an earlier run in this folder must not make a later resume skip a phase."""
-    if training_args.process_index == 0:
-        for phase in PHASES:
-            marker = os.path.join(training_args.output_dir, f"phase-{phase}", DONE_MARKER)
-            if os.path.isfile(marker):
-                os.remove(marker)
-
-
-def phase_length(epochs: float, max_steps: int) -> dict:
-    return {"num_train_epochs": epochs, "max_steps": max_steps}
-
-
-def train_backbone(start: StartingPoint, context: RunContext, model_args: ModelArguments) -> dict:
+def train_backbone(start: StartingPoint, runner: phases.PhaseRunner, model_args: ModelArguments) -> dict:
     """Phase 0: the static backbone from scratch. Returns its eval metrics (`backbone_eval_*`), if evaluated."""
     overrides = {
-        **phase_length(model_args.backbone_epochs, model_args.backbone_max_steps),
+        **phases.phase_length(model_args.backbone_epochs, model_args.backbone_max_steps),
         "learning_rate": backbone_learning_rate(model_args, start.model_type),
     }
-    run_phase("backbone", start.backbone, context, overrides)
-    if not (context.training_args.do_eval and "validation" in context.splits):
-        return {}
-    args = context.args(output_dir=os.path.join(context.training_args.output_dir, "phase-backbone"))
-    metrics = context.trainer(start.backbone, args).evaluate(metric_key_prefix="backbone_eval")
-    metrics.pop("epoch", None)  # an evaluation-only Trainer: its epoch would read 0
-    return metrics
-
-
-def train_gates(model, context: RunContext, model_args: ModelArguments, gate_lr: float) -> dict:
-    """Gate-only phase: backbone and head frozen."""
-    trainable = freeze_all_but_gates(model)
-    logger.info("Gate-only phase: %d trainable tensors (%s, ...)", len(trainable), ", ".join(trainable[:3]))
-    overrides = {**phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps), "learning_rate": gate_lr}
-    try:
-        return run_phase("gate", model, context, overrides)
-    finally:
-        unfreeze_all(model)
-
-
-def train_jointly(model, context: RunContext, gate_lr: float, gate_training_mode: str | None = None) -> dict:
-    """Joint phase: everything at `--learning_rate`, the gates at `gate_lr` (MSViT: in `gate_training_mode`)."""
-    if gate_training_mode is not None and model.config.model_type == "msvit":
-        model.config.gate_training_mode = gate_training_mode
-    return run_phase("joint", model, context, {}, gate_learning_rate=gate_lr)
-
-
-def train(start: StartingPoint, context: RunContext, model_args: ModelArguments):
-    """All phases. Returns `(model, TrainSummary)`; `model` is None after `--backbone_only`."""
-    args = context.training_args
-    summary = TrainSummary()
-    if start.fresh and (model_args.backbone_epochs > 0 or model_args.backbone_max_steps > 0):
-        summary.backbone_eval = train_backbone(start, context, model_args)
-    if start.fresh and model_args.backbone_only:
-        return None, summary
-    model = start.model if start.model is not None else upcycle(start, model_args)
-    start.backbone = None
-    gate_lr = gate_learning_rate(model_args, start)
-    summary.gate_learning_rate = gate_lr
-    if model_args.gate_only_epochs > 0 or model_args.gate_only_max_steps > 0:
-        summary.phases["gate"] = train_gates(model, context, model_args, gate_lr)
-    if args.do_train and (args.num_train_epochs > 0 or args.max_steps > 0):
-        summary.phases["joint"] = train_jointly(model, context, gate_lr, model_args.joint_gate_training_mode)
-    return model, summary
+    runner.run("backbone", start.backbone, overrides)
+    return runner.evaluate(start.backbone, "backbone_eval", phase="backbone")
 
 
 @dataclass
@@ -734,66 +524,28 @@ class TrainSummary:
     phases: dict = field(default_factory=dict)  # train metrics per phase name (`gate`, `joint`)
     gate_learning_rate: float | None = None
 
-    def train_metrics(self) -> dict:
-        """What `train_results.json` holds: the joint phase's metrics (the last phase that ran), including the
-        training-time compute (`train_<ratio>`, `train_gmacs`, `train_macs_fraction`); earlier phases prefixed."""
-        names = [name for name in ("gate", "joint") if name in self.phases]
-        metrics = dict(self.phases[names[-1]]) if names else {}
-        for name in names[:-1]:
-            metrics.update({f"{name}_phase_{key}": value for key, value in self.phases[name].items()})
-        return metrics
+
+def train(start: StartingPoint, runner: phases.PhaseRunner, model_args: ModelArguments):
+    """All phases. Returns `(model, TrainSummary)`; `model` is None after `--backbone_only`."""
+    summary = TrainSummary()
+    backbone_length = phases.phase_length(model_args.backbone_epochs, model_args.backbone_max_steps)
+    if start.fresh and phases.runs(backbone_length):
+        summary.backbone_eval = train_backbone(start, runner, model_args)
+    if start.fresh and model_args.backbone_only:
+        return None, summary
+    model = start.model if start.model is not None else upcycle(start, model_args)
+    start.backbone = None
+    summary.gate_learning_rate = gate_learning_rate(model_args, start)
+    gate_length = phases.phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps)
+    summary.phases = runner.train_gates_then_jointly(
+        model, gate_length, summary.gate_learning_rate, model_args.joint_gate_training_mode
+    )
+    return model, summary
 
 
-def evaluate_and_save_metrics(model, context: RunContext, summary: TrainSummary) -> dict:
-    """Final evaluation; writes `train_results.json`, `eval_results.json` and `all_results.json` to `--output_dir`."""
-    args = context.args()
-    os.makedirs(args.output_dir, exist_ok=True)
-    trainer = context.trainer(model, args)
-    train_metrics = summary.train_metrics()
-    if train_metrics:
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-    eval_metrics = {}
-    # validation for choices, the test split (when the data has one, as the built-in data) for the reported numbers
-    for split, prefix in (("validation", "eval"), ("test", "test")):
-        if args.do_eval and split in context.splits:
-            metrics = trainer.evaluate(context.splits[split], metric_key_prefix=prefix)
-            metrics.pop("epoch", None)  # an evaluation-only Trainer: its epoch would read 0
-            trainer.log_metrics(prefix, metrics)
-            trainer.save_metrics(prefix, metrics)
-            eval_metrics.update(metrics)
-    return eval_metrics
-
-
-def save_and_push(model, context: RunContext, card_kwargs: dict) -> hub.HubPushError | None:
-    """Model, processor, code and card into `--output_dir`; with `--push_to_hub` the same to the Hub. A failed push
-    is returned (and reported), the local checkpoint stays intact."""
-    args = context.training_args
-    if args.process_index == 0:
-        hub.save_for_hub(model, args.output_dir, image_processor=context.image_processor, **card_kwargs)
-    PartialState().wait_for_everyone()
-    if not (args.push_to_hub and args.process_index == 0):
-        return None
-    try:
-        url = hub.push_to_hub(
-            model,
-            card_kwargs["repo_id"],
-            image_processor=context.image_processor,
-            token=args.hub_token,
-            private=args.hub_private_repo,
-            **{k: v for k, v in card_kwargs.items() if k != "repo_id"},
-        )
-    except hub.HubPushError as error:
-        print(f"\nPUSH FAILED: {error}\nThe local checkpoint in {args.output_dir} is intact.", file=sys.stderr)
-        return error
-    print(f"Pushed to {url}")
-    return None
-
-
-def card_arguments(model_args: ModelArguments, data: Data, training_args, summary: TrainSummary) -> dict:
+def card_arguments(model_args: ModelArguments, data: Data, summary: TrainSummary) -> dict:
+    """What `hub.build_model_card` needs besides the model, the metrics and the `TrainingArguments`."""
     return {
-        "repo_id": training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir)),
-        "training_args": training_args,
         "base_model": model_args.model_name_or_path,
         "dataset_name": data.name,
         "builtin_data": data.builtin,
@@ -830,7 +582,7 @@ def summary_lines(model, eval_metrics: dict, train_metrics: dict, backbone_eval:
 def print_summary(model, training_args, eval_metrics, summary: TrainSummary, seconds: float) -> None:
     path = os.path.abspath(training_args.output_dir)
     lines = ["", "=" * 78, f"Finished in {seconds:.0f} s (torch threads per process: {torch.get_num_threads()})."]
-    lines += summary_lines(model, eval_metrics, summary.train_metrics(), summary.backbone_eval)
+    lines += summary_lines(model, eval_metrics, phases.last_phase_metrics(summary.phases), summary.backbone_eval)
     lines += [
         "  train: training forward passes (sampled gates), mean over the last logging window of the last phase",
         f"Checkpoint: {path} (metrics: all_results.json)",
@@ -845,27 +597,30 @@ def print_summary(model, training_args, eval_metrics, summary: TrainSummary, sec
 
 def main(argv=None) -> dict:
     started = time.time()
-    model_args, data_args, training_args = parse_args(argv)
-    setup_logging(training_args)
-    check_world_size(training_args)
+    arguments = (ModelArguments, DataTrainingArguments, TrainingArguments)
+    model_args, data_args, training_args = phases.parse_args(arguments, SCRIPT_TRAINING_DEFAULTS, argv)
+    phases.setup_logging(training_args, logger)
+    phases.check_world_size(training_args)
     set_seed(training_args.seed)
-    resume = str(training_args.resume_from_checkpoint).lower() not in ("none", "false")
-    if not resume:
-        forget_earlier_runs(training_args)
 
     data = load_data(data_args, model_args, training_args.seed)
     start = build_start(model_args, data, data_args)
-    splits = with_transforms(data, start.image_processor, data_args, training_args.seed)
-    context = RunContext(training_args, splits, start.image_processor, resume)
+    runner = phases.PhaseRunner.start(
+        training_args, trainer_class=DynamicComputeTrainer, image_processor=start.image_processor,
+        splits=with_transforms(data, start.image_processor, data_args, training_args.seed), data_collator=collate_fn,
+        compute_metrics_for=lambda model: make_compute_metrics(ratio_metric_name(model), static_macs(model)),
+    )  # fmt: skip
 
-    model, summary = train(start, context, model_args)
+    model, summary = train(start, runner, model_args)
     if model is None:  # --backbone_only
         path = os.path.join(training_args.output_dir, "phase-backbone", "final")
         print(f"Static backbone trained: {path} (eval: {summary.backbone_eval})")
         return summary.backbone_eval
-    eval_metrics = evaluate_and_save_metrics(model, context, summary)
-    card_kwargs = card_arguments(model_args, data, training_args, summary)
-    push_error = save_and_push(model, context, {**card_kwargs, "eval_metrics": eval_metrics})
+    final = runner.evaluate_final(model)
+    runner.save_results(model, {"train": phases.last_phase_metrics(summary.phases), **final})
+    eval_metrics = {**final["eval"], **final["test"]}
+    card = card_arguments(model_args, data, summary)
+    push_error = phases.save_and_push(model, training_args, start.image_processor, eval_metrics=eval_metrics, **card)
     if training_args.process_index == 0:
         print_summary(model, training_args, eval_metrics, summary, time.time() - started)
     if push_error is not None:

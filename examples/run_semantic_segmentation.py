@@ -26,12 +26,16 @@ Models:
 
 The run is a sequence of phases, each one `Trainer` run in its own folder under `--output_dir`:
 
-1. `phase-static` (from a ViT / PVTv2 checkpoint or from scratch): the static model learns the task, for
-   `--static_epochs`. Without `--model_name_or_path` the backbone starts from random weights: it stands in for the
-   pretrained checkpoint you would normally start from.
+1. `phase-backbone` (from a ViT / PVTv2 checkpoint or from scratch): the static model learns the task, for
+   `--backbone_epochs` at `--backbone_learning_rate`. Without `--model_name_or_path` the backbone starts from random
+   weights: it stands in for the pretrained checkpoint you would normally start from.
 2. Upcycling: the gates are switched on (MSViT) or the PVTv2 becomes a DiT grid (every weight reused, gates new).
-3. `phase-gate`: `--gate_only_epochs` with everything but the gates frozen.
-4. `phase-joint`: `--num_train_epochs` of joint fine-tuning (pixel loss + GBaS / budget loss).
+3. `phase-gate`: `--gate_only_epochs` with everything but the gates frozen; the gates learn at `--gate_learning_rate`.
+4. `phase-joint`: `--num_train_epochs` of joint fine-tuning (pixel loss + GBaS / budget loss): `--learning_rate` for
+   the backbone and decoder, `--gate_learning_rate` for the gates.
+
+Phases, resuming (`--resume_from_checkpoint`), logging and the Hub push (`--push_to_hub`, with a model card) are
+`hf_msvit.phases`, shared with `run_image_classification.py`; the arguments have the same names and meanings there.
 
 With no dataset arguments it trains on the built-in segmentation data (digits on crops of photographs, generated
 locally by `hf_msvit.data`). Examples:
@@ -45,21 +49,16 @@ locally by `hf_msvit.data`). Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
-import torch
-import transformers
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
-    HfArgumentParser,
     PvtV2Config,
     TrainingArguments,
     UperNetConfig,
@@ -74,6 +73,7 @@ from hf_msvit import (
     MSViTConfig,
     MSViTForSemanticSegmentation,
     MSViTImageProcessor,
+    phases,
 )
 from hf_msvit import data as builtin_data
 from hf_msvit.segmentation import (
@@ -82,9 +82,8 @@ from hf_msvit.segmentation import (
     SegmentationMetrics,
     SegmentationTrainer,
     SegmentationTransform,
-    build_segmentation_model_card,
 )
-from hf_msvit.training import freeze_all_but_gates, unfreeze_all
+from hf_msvit.training import is_gate_parameter, ratio_metric_name
 
 
 logger = logging.getLogger(__name__)
@@ -119,7 +118,7 @@ class ModelArguments:
     gate_input: str | None = field(default=None, metadata={"help": "MSViT: gate on `pixels` or coarse `embeddings`."})
     reinit_gates: bool = field(
         default=False,
-        metadata={"help": "MSViT checkpoint: start a new gate (e.g. upcycle a --static_only run at another target)."},
+        metadata={"help": "MSViT checkpoint: a new gate (e.g. to upcycle a --backbone_only run at another target)."},
     )
     budget_target: float | None = field(default=None, metadata={"help": "DiT: target compute relative to PVTv2."})
     budget_loss_weight: float | None = field(default=None, metadata={"help": "DiT: weight of the budget loss."})
@@ -132,13 +131,30 @@ class ModelArguments:
     intermediate_size: int = field(default=192, metadata={"help": "Fresh ViT: MLP width."})
     upernet_hidden_size: int = field(default=32, metadata={"help": "DiT: channels of UperNet's decode heads."})
     # recipe
-    static_epochs: float = field(default=8.0, metadata={"help": "Epochs of the static phase (0 to skip)."})
-    static_max_steps: int = field(default=-1, metadata={"help": "If > 0: steps of the static phase."})
-    static_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the static phase."})
-    static_only: bool = field(default=False, metadata={"help": "Stop after the static phase (study baselines)."})
-    gate_only_epochs: float = field(default=2.0, metadata={"help": "Epochs with only the gates training (0 to skip)."})
-    gate_only_max_steps: int = field(default=-1, metadata={"help": "If > 0: steps of the gate-only phase."})
-    gate_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the gate-only phase."})
+    backbone_epochs: float = field(
+        default=8.0, metadata={"help": "Epochs of the static backbone phase before upcycling (0 to skip)."}
+    )
+    backbone_max_steps: int = field(
+        default=-1, metadata={"help": "If > 0: steps of the backbone phase (overrides --backbone_epochs)."}
+    )
+    backbone_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the backbone phase."})
+    backbone_only: bool = field(
+        default=False, metadata={"help": "Stop after the static backbone phase (the static baselines of a study)."}
+    )
+    gate_only_epochs: float = field(
+        default=2.0,
+        metadata={"help": "Epochs of gate-only training (all else frozen) before joint fine-tuning; 0 to skip."},
+    )
+    gate_only_max_steps: int = field(
+        default=-1, metadata={"help": "If > 0: steps of the gate-only phase (overrides --gate_only_epochs)."}
+    )
+    gate_learning_rate: float = field(
+        default=1e-2,
+        metadata={
+            "help": "Learning rate of the gate parameters, in the gate-only phase and in the joint phase (where the "
+            "rest trains at --learning_rate)."
+        },
+    )
 
 
 @dataclass
@@ -157,24 +173,23 @@ class DataTrainingArguments:
     digit_copies: int = field(default=2, metadata={"help": "Built-in data: renderings of each handwritten digit."})
 
 
-@dataclass
-class ScriptTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with defaults for the built-in quick run."""
-
-    output_dir: str | None = field(default="outputs/msvit-digits-seg", metadata={"help": "Where the model goes."})
-    do_train: bool = field(default=True, metadata={"help": "Run training."})
-    do_eval: bool = field(default=True, metadata={"help": "Evaluate on the validation split."})
-    eval_strategy: str = field(default="no", metadata={"help": "When to evaluate during training."})
-    save_strategy: str = field(default="no", metadata={"help": "When to save checkpoints."})
-    logging_steps: float = field(default=20, metadata={"help": "Log every X steps."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of the joint phase."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
-    num_train_epochs: float = field(default=6.0, metadata={"help": "Epochs of the joint phase."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per device."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per device."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (lazy transforms)."})
-    batch_eval_metrics: bool = field(default=True, metadata={"help": "Metrics batch by batch (confusion matrix)."})
-    report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+# TrainingArguments defaults of this script (the built-in quick run); every one can be changed on the command line.
+SCRIPT_TRAINING_DEFAULTS = {
+    "output_dir": "outputs/msvit-digits-seg",
+    "do_train": True,
+    "do_eval": True,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "logging_steps": 20,
+    "learning_rate": 5e-4,  # joint phase, backbone and decoder
+    "weight_decay": 0.05,
+    "num_train_epochs": 6.0,  # joint phase
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "remove_unused_columns": False,  # the transform needs the image and label columns
+    "batch_eval_metrics": True,  # metrics batch by batch (a confusion matrix)
+    "report_to": "none",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -245,7 +260,6 @@ GATE_DEFAULTS = {
     "gate_input": "pixels",
 }  # fmt: skip
 BUDGET_DEFAULTS = {"budget_target": 0.7, "budget_loss_weight": 10.0}
-GATE_PREFIXES = ("msvit.embeddings.gate.", "msvit.batch_shaping.")
 
 
 def given_settings(model_args: ModelArguments, defaults: dict) -> dict:
@@ -293,7 +307,7 @@ def load_checkpoint_model(model_args: ModelArguments, config, labels: dict, hub:
         for name, value in {**labels, **given_settings(model_args, GATE_DEFAULTS)}.items():
             setattr(config, name, value)
         return load_msvit_checkpoint(path, config, model_args.reinit_gates, hub), False
-    if config.model_type == "upernet" and config.backbone_config.model_type == "pvt_v2":  # a --static_only run
+    if config.model_type == "upernet" and config.backbone_config.model_type == "pvt_v2":  # a --backbone_only run
         return UperNetForSemanticSegmentation.from_pretrained(path, **hub), True
     if config.model_type == "upernet":
         for name, value in given_settings(model_args, BUDGET_DEFAULTS).items():
@@ -307,14 +321,14 @@ def load_checkpoint_model(model_args: ModelArguments, config, labels: dict, hub:
 
 def load_msvit_checkpoint(path: str, config, reinit_gates: bool, hub: dict) -> MSViTForSemanticSegmentation:
     """An MSViT segmentation checkpoint with `config`; with `reinit_gates` every weight but the gate and the GBaS
-    priors, which start anew at `config`'s target (upcycling a static-phase checkpoint)."""
+    priors, which start anew at `config`'s target (upcycling a backbone-phase checkpoint)."""
     if not reinit_gates:
         return MSViTForSemanticSegmentation.from_pretrained(path, config=config, **hub)
     source = MSViTForSemanticSegmentation.from_pretrained(path, **hub)
     model = MSViTForSemanticSegmentation(config)
-    weights = {key: value for key, value in source.state_dict().items() if not key.startswith(GATE_PREFIXES)}
+    weights = {key: value for key, value in source.state_dict().items() if not is_gate_parameter(key)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(not key.startswith(GATE_PREFIXES) for key in missing):
+    if unexpected or any(not is_gate_parameter(key) for key in missing):
         raise ValueError(f"{path} does not fit the MSViT config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     return model
 
@@ -364,151 +378,69 @@ def image_processor_for(model, source=None, image_size: int | None = None):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Phases
+# Phases and main
 
 
-@dataclass
-class Phase:
-    """One Trainer run: its name (folder `phase-<name>`), `TrainingArguments` overrides, and whether the MSViT runs
-    with every region forced fine (the static ViT)."""
-
-    name: str
-    overrides: dict
-    all_fine: bool = False
+def all_fine_collator(model) -> SegmentationCollator:
+    """The backbone phase's collator: an MSViT runs with every region forced fine (exactly its static ViT)."""
+    is_msvit = isinstance(model, MSViTForSemanticSegmentation)
+    return SegmentationCollator(all_fine_grid=model.config.coarse_grid if is_msvit else None)
 
 
-def run_phase(phase: Phase, model, training_args, splits, image_processor, id2label):
-    """Trains `model` in place in `<output_dir>/phase-<name>`; returns the Trainer (evaluation on its split)."""
-    args = dataclasses.replace(
-        training_args, output_dir=os.path.join(training_args.output_dir, f"phase-{phase.name}"), push_to_hub=False,
-        **phase.overrides,
-    )  # fmt: skip
-    grid = model.config.coarse_grid if phase.all_fine and isinstance(model, MSViTForSemanticSegmentation) else None
-    trainer = SegmentationTrainer(
-        model=model,
-        args=args,
-        train_dataset=splits["train"],
-        eval_dataset=splits.get("validation"),
-        data_collator=SegmentationCollator(all_fine_grid=grid),
-        compute_metrics=SegmentationMetrics(id2label, ratio_name=ratio_name(model)),
-        processing_class=image_processor,
-    )
-    if training_args.do_train:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint if phase.name == "joint" else None)
-    return trainer
-
-
-def ratio_name(model) -> str:
-    return "fine_region_ratio" if isinstance(model, MSViTForSemanticSegmentation) else "token_keep_ratio"
-
-
-def epochs_or_steps(epochs: float, max_steps: int, learning_rate: float) -> dict:
-    return {"num_train_epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate}
-
-
-def evaluate(trainer, prefix: str, dataset=None) -> dict:
-    metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
-    if trainer.is_world_process_zero():
-        trainer.log_metrics(prefix, metrics)
-    return metrics
-
-
-def train_static_then_dynamic(model, is_static, model_args, training_args, splits, processor, id2label):
-    """Runs the phases; returns `(final model, final trainer, static metrics or None)`."""
-    static_metrics = None
-    if is_static and (model_args.static_epochs > 0 or model_args.static_max_steps > 0):
-        static = Phase("static", epochs_or_steps(model_args.static_epochs, model_args.static_max_steps,
-                                                 model_args.static_learning_rate), all_fine=True)  # fmt: skip
-        trainer = run_phase(static, model, training_args, splits, processor, id2label)
-        static_metrics = evaluate(trainer, "static_eval") if training_args.do_eval else None
-        if model_args.static_only:
-            return model, trainer, static_metrics
+def train(model, is_static: bool, model_args: ModelArguments, runner: phases.PhaseRunner):
+    """All phases. Returns `(final model, train metrics per phase, backbone_eval_* metrics)`."""
+    backbone_length = phases.phase_length(model_args.backbone_epochs, model_args.backbone_max_steps)
+    done, backbone_eval = {}, {}
+    if is_static and phases.runs(backbone_length):
+        collator = all_fine_collator(model)
+        overrides = {**backbone_length, "learning_rate": model_args.backbone_learning_rate}
+        done["backbone"] = runner.run("backbone", model, overrides, data_collator=collator)
+        backbone_eval = runner.evaluate(model, "backbone_eval", phase="backbone", data_collator=collator)
+    if model_args.backbone_only:
+        return model, done, backbone_eval
     model = upcycle(model, model_args)
-    if model_args.gate_only_epochs > 0 or model_args.gate_only_max_steps > 0:
-        trainable = freeze_all_but_gates(model)
-        logger.info("Gate-only phase: %d trainable tensors", len(trainable))
-        gate = Phase("gate", epochs_or_steps(model_args.gate_only_epochs, model_args.gate_only_max_steps,
-                                             model_args.gate_learning_rate))  # fmt: skip
-        run_phase(gate, model, training_args, splits, processor, id2label)
-        unfreeze_all(model)
-    trainer = run_phase(Phase("joint", {}), model, training_args, splits, processor, id2label)
-    return model, trainer, static_metrics
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Main
-
-
-def parse_arguments(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, ScriptTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # Several processes without a GPU (torchrun): one gloo group on CPU, not independent runs on the full data.
-        values["use_cpu"], values["ddp_backend"] = True, values["ddp_backend"] or "gloo"
-    return model_args, data_args, TrainingArguments(**values)
-
-
-def setup_logging(training_args):
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
+    gate_length = phases.phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps)
+    done.update(runner.train_gates_then_jointly(model, gate_length, model_args.gate_learning_rate))
+    return model, done, backbone_eval
 
 
 def main(argv=None) -> dict:
-    model_args, data_args, training_args = parse_arguments(argv)
-    setup_logging(training_args)
+    arguments = (ModelArguments, DataTrainingArguments, TrainingArguments)
+    model_args, data_args, training_args = phases.parse_args(arguments, SCRIPT_TRAINING_DEFAULTS, argv)
+    phases.setup_logging(training_args, logger)
+    phases.check_world_size(training_args)
     set_seed(training_args.seed)
+
     dataset, id2label, dataset_name = load_data(data_args, model_args, training_args.seed)
     image_size = model_args.image_size or (data_args.canvas_size if data_args.dataset_name is None else 224)
     model, is_static, source_processor = build_start_model(model_args, id2label, image_size)
     processor = image_processor_for(model, source_processor, model_args.image_size)
     transform = SegmentationTransform(processor, do_reduce_labels=data_args.do_reduce_labels)
-    splits = {name: split.with_transform(transform) for name, split in dataset.items()}
+    runner = phases.PhaseRunner.start(
+        training_args, trainer_class=SegmentationTrainer, image_processor=processor,
+        splits={name: split.with_transform(transform) for name, split in dataset.items()},
+        data_collator=SegmentationCollator(),
+        compute_metrics_for=lambda model: SegmentationMetrics(id2label, ratio_name=ratio_metric_name(model)),
+    )  # fmt: skip
 
-    model, trainer, static_metrics = train_static_then_dynamic(
-        model, is_static, model_args, training_args, splits, processor, id2label
-    )
-    metrics = dict(static_metrics or {})
-    if not model_args.static_only and training_args.do_eval:
-        metrics.update(evaluate(trainer, "eval"))
-        if "test" in splits:  # validation for choices, test for the reported numbers
-            metrics.update(evaluate(trainer, "test", splits["test"]))
-    if trainer.is_world_process_zero():
-        save_and_push(model, processor, training_args, metrics, dataset_name, model_args.model_name_or_path)
-        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
-            json.dump(metrics, handle, indent=2)
+    model, done, backbone_eval = train(model, is_static, model_args, runner)
+    final = {} if model_args.backbone_only else runner.evaluate_final(model)
+    eval_metrics, test_metrics = final.get("eval", {}), final.get("test", {})
+    train_metrics = phases.last_phase_metrics(done)
+    results = {"train": train_metrics, "eval": {**backbone_eval, **eval_metrics}, "test": test_metrics}
+    runner.save_results(model, results)
+    push_error = phases.save_and_push(
+        model, training_args, processor, eval_metrics=eval_metrics, base_model=model_args.model_name_or_path,
+        dataset_name=dataset_name, builtin_data=dataset_name is None,
+        extra_settings={"gate_only_epochs": model_args.gate_only_epochs,
+                        "gate_learning_rate": model_args.gate_learning_rate},
+    )  # fmt: skip
+    metrics = {**train_metrics, **backbone_eval, **eval_metrics, **test_metrics}
+    if training_args.process_index == 0:
         print_summary(metrics, training_args.output_dir)
+    if push_error is not None:
+        raise SystemExit(1)
     return metrics
-
-
-def save_and_push(model, processor, training_args, metrics, dataset_name, base_model):
-    """Saves the final model, its image processor and a model card to `--output_dir`; uploads them with
-    `--push_to_hub` (one commit of that folder's top-level files, phase folders left out)."""
-    output_dir = training_args.output_dir
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-    card = build_segmentation_model_card(
-        model, repo_id, metrics, dataset_name, base_model, builtin_data=dataset_name is None
-    )
-    card.save(os.path.join(output_dir, "README.md"))
-    if training_args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=training_args.hub_token)
-        repo_id = api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
-        url = api.upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["phase-*", "phase-*/**"])
-        print(f"Pushed to {url}")
 
 
 SUMMARY_KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "gmacs", "fine_region_ratio", "token_keep_ratio")

@@ -16,6 +16,8 @@ from transformers import (
 )
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
+from .models import dit_routing as _dit_routing
+from .models import msvit as _msvit
 from .models.dit_routing import (
     DiTBackbone,
     DiTConfig,
@@ -59,18 +61,5 @@ AutoBackbone.register(DiTConfig, DiTBackbone, exist_ok=True)
 AutoBackbone.register(MSViTConfig, MSViTBackbone, exist_ok=True)
 AutoModelForSemanticSegmentation.register(MSViTConfig, MSViTForSemanticSegmentation, exist_ok=True)
 
-__all__ = [
-    "DiTBackbone",
-    "DiTConfig",
-    "DiTForImageClassification",
-    "DiTImageProcessor",
-    "DiTModel",
-    "DiTPreTrainedModel",
-    "MSViTBackbone",
-    "MSViTConfig",
-    "MSViTForImageClassification",
-    "MSViTForSemanticSegmentation",
-    "MSViTImageProcessor",
-    "MSViTModel",
-    "MSViTPreTrainedModel",
-]
+# The public API: the classes of both model folders (their `__all__`; helpers such as `dit_route_macs` stay there).
+__all__ = [name for name in (*_dit_routing.__all__, *_msvit.__all__) if isinstance(globals().get(name), type)]

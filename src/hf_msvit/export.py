@@ -230,8 +230,8 @@ def export_program(
 
     Args:
         model_or_path: an MSViT / DiT model, or the path or Hub id of a checkpoint.
-        fine_region_budget: MSViT: regions tokenized fine per image (`float` fraction or `int` count); default the
-            config's.
+        fine_region_budget: MSViT: regions tokenized fine per image (`float` fraction or `int` count); default: the
+            config's value.
         compute_budget: DiT: fraction of the static route's cost every image computes; default the config's.
         static: DiT: PVTv2's static route.
         batch_size: images of the example input (the batch size itself when `dynamic_batch=False`).

@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Sharing a trained MSViT / DiT on the Hugging Face Hub, with a generated model card.
+"""Sharing a trained MSViT / DiT (classifier or segmenter) on the Hugging Face Hub, with a generated model card.
 
     from hf_msvit.hub import push_to_hub
     url = push_to_hub(model, "me/msvit-digits", image_processor=processor, eval_metrics=trainer.evaluate())
@@ -20,7 +20,8 @@ What is uploaded (one commit): `model.safetensors`, `config.json` (its `auto_map
 AutoModelForImageClassification, and AutoBackbone for DiT), the remote-code files (`configuration_*.py`,
 `modeling_*.py`, their siblings, `image_processing_*.py`), `preprocessor_config.json`, and `README.md`: a model card
 rendered with `huggingface_hub.ModelCard.from_template` from the Jinja templates in `hf_msvit/model_cards/`
-(`model_cards/` at the repository root), with YAML metadata and, when the data is a Hub dataset, a `model-index`.
+(`model_cards/` at the repository root: one per task, classification's per model type, `CARD_TASKS`), with YAML
+metadata and, when the data is a Hub dataset, a `model-index` (accuracy or mean IoU).
 
 `save_for_hub` writes the same folder locally without uploading.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -41,6 +43,9 @@ import huggingface_hub
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, SpaceCard, SpaceCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from transformers import UperNetForSemanticSegmentation
+
+from .models.msvit.modeling_msvit import MSViTForSemanticSegmentation
 
 
 TEMPLATE_DIR = "model_cards"  # inside the hf_msvit package; `model_cards/` at the repo root links here
@@ -72,9 +77,9 @@ class HubPushError(RuntimeError):
         )
 
 
-def read_template(model_type: str) -> str:
-    """The model card template of `model_type` (`msvit` or `dit_routing`), shipped as package data."""
-    name = f"{model_type}.md"
+def read_template(name: str) -> str:
+    """The model card template `name` (`msvit`, `dit_routing` or `segmentation`), shipped as package data."""
+    name = f"{name}.md"
     try:
         return resources.files("hf_msvit").joinpath(TEMPLATE_DIR, name).read_text(encoding="utf-8")
     except (FileNotFoundError, ModuleNotFoundError) as error:
@@ -104,39 +109,87 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name)
 
 
-def card_metadata(model, eval_metrics: dict, base_model=None, dataset_name=None, model_name=None, license=None):
+@dataclass(frozen=True)
+class CardTask:
+    """What a model card says about one task: the pipeline tag, the metric of its `model-index`, the template
+    (`None`: the model type's own, `msvit.md` / `dit_routing.md`) and how it names the built-in or a custom dataset."""
+
+    pipeline_tag: str
+    task_name: str
+    metric: str
+    metric_name: str
+    template: str | None
+    builtin_data_label: str
+    custom_data_label: str
+
+
+CARD_TASKS = {
+    "image-classification": CardTask(
+        "image-classification", "Image Classification", "accuracy", "Accuracy", None,
+        "digits-on-canvas, built into hf_msvit", "a custom image folder",
+    ),
+    "image-segmentation": CardTask(
+        "image-segmentation", "Image Segmentation", "mean_iou", "Mean IoU", "segmentation",
+        "digits-on-canvas segmentation, built into hf_msvit", "custom data",
+    ),
+}  # fmt: skip
+FAMILY_TAGS = {"msvit": ["dynamic-tokenization", "mixed-scale-tokens"], "dit_routing": ["dynamic-token-routing"]}
+
+
+def is_upernet(model) -> bool:
+    return isinstance(model, UperNetForSemanticSegmentation)
+
+
+def card_task(model) -> CardTask:
+    """Segmentation for `MSViTForSemanticSegmentation` and UperNet (on MSViT / DiT), else classification."""
+    segmentation = isinstance(model, (UperNetForSemanticSegmentation, MSViTForSemanticSegmentation))
+    return CARD_TASKS["image-segmentation" if segmentation else "image-classification"]
+
+
+def model_family(model) -> str:
+    """`msvit` or `dit_routing`: the model type of the dynamic model (of the backbone, for UperNet)."""
+    return (model.config.backbone_config if is_upernet(model) else model.config).model_type
+
+
+def card_metadata(
+    model, eval_metrics: dict, base_model=None, dataset_name=None, model_name=None, license=None, builtin_data=False
+) -> ModelCardData:
     """`ModelCardData` for the card's YAML header; a `model-index` only when `dataset_name` is a Hub dataset id (as
     transformers' own cards: a result without a dataset would be rejected by the Hub)."""
-    model_type = model.config.model_type
-    dataset_id = dataset_name if is_hub_id(dataset_name) else None
-    accuracy = eval_metrics.get("accuracy")
+    task, family = card_task(model), model_family(model)
+    dataset_id = dataset_name if is_hub_id(dataset_name) and not builtin_data else None
+    value = eval_metrics.get(task.metric)
     eval_results = None
-    if accuracy is not None and dataset_id is not None:
+    if value is not None and dataset_id is not None:
         eval_results = [
             EvalResult(
-                task_type="image-classification",
-                task_name="Image Classification",
-                dataset_type=dataset_id,
-                dataset_name=dataset_id,
-                dataset_split="validation",
-                metric_type="accuracy",
-                metric_name="Accuracy",
-                metric_value=float(accuracy),
+                task_type=task.pipeline_tag, task_name=task.task_name, dataset_type=dataset_id,
+                dataset_name=dataset_id, dataset_split="validation", metric_type=task.metric,
+                metric_name=task.metric_name, metric_value=float(value),
             )
-        ]
-    tags = ["vision", "image-classification", "custom_code", "hf_msvit", model_type]
-    tags += ["dynamic-tokenization", "mixed-scale-tokens"] if model_type == "msvit" else ["dynamic-token-routing"]
+        ]  # fmt: skip
+    remote_code = [] if is_upernet(model) else ["custom_code"]  # UperNet is transformers' own class
     return ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-classification",
+        pipeline_tag=task.pipeline_tag,
         license=license,
-        tags=tags,
+        tags=["vision", task.pipeline_tag, *remote_code, "hf_msvit", family, *FAMILY_TAGS.get(family, [])],
         datasets=[dataset_id] if dataset_id else None,
-        metrics=["accuracy"],
+        metrics=[task.metric],
         base_model=base_model if is_hub_id(base_model) else None,
         model_name=model_name,
         eval_results=eval_results,
     )
+
+
+def card_results(model, eval_metrics: dict | None) -> dict:
+    """`eval_metrics` without their `eval_` prefix, with the static backbone's GMACs and the compute fraction."""
+    results = {key.removeprefix("eval_"): value for key, value in (eval_metrics or {}).items()}
+    if hasattr(model, "static_macs"):
+        results.setdefault("static_gmacs", model.static_macs() / 1e9)
+    if "gmacs" in results and results.get("static_gmacs"):
+        results.setdefault("macs_fraction", results["gmacs"] / results["static_gmacs"])
+    return results
 
 
 def build_model_card(
@@ -150,36 +203,32 @@ def build_model_card(
     extra_settings: dict | None = None,
     license: str = "apache-2.0",
 ) -> ModelCard:
-    """A `ModelCard` for a trained MSViT / DiT classifier, rendered from its model type's template.
+    """A `ModelCard` for a trained MSViT / DiT model (classifier, MSViT segmenter or UperNet on their backbones),
+    rendered from its task's template (classification: its model type's).
 
-    `eval_metrics` as returned by `Trainer.evaluate` with `hf_msvit.training.make_compute_metrics` (`eval_` prefixes
-    are optional). `base_model`: the checkpoint the model was upcycled from (a Hub id goes into the metadata, a local
-    folder only into the text). `dataset_name`: a Hub dataset id goes into the metadata; `builtin_data=True` says the
-    model was trained on `hf_msvit.data`'s built-in data, which has no Hub id.
+    `eval_metrics` as returned by `Trainer.evaluate` (`eval_` prefixes are optional). `base_model`: the checkpoint the
+    model was upcycled from (a Hub id goes into the metadata, a local folder only into the text). `dataset_name`: a Hub
+    dataset id goes into the metadata; `builtin_data=True` says the model was trained on `hf_msvit.data`'s built-in
+    data, which has no Hub id.
     """
     model = getattr(model, "module", model)
-    repo_id = repo_id or f"{model.config.model_type}-model"
-    results = {key.removeprefix("eval_"): value for key, value in (eval_metrics or {}).items()}
-    if hasattr(model, "static_macs"):
-        results.setdefault("static_gmacs", model.static_macs() / 1e9)
-    if "gmacs" in results and results.get("static_gmacs"):
-        results.setdefault("macs_fraction", results["gmacs"] / results["static_gmacs"])
+    task, family = card_task(model), model_family(model)
+    repo_id = repo_id or f"{family}-model"
+    results = card_results(model, eval_metrics)
     model_name = repo_id.split("/")[-1]
-    card_data = card_metadata(model, results, base_model, dataset_name, model_name, license)
-    if builtin_data:
-        dataset_label = "digits-on-canvas, built into hf_msvit"
-    else:
-        dataset_label = dataset_name or "a custom image folder"
+    card_data = card_metadata(model, results, base_model, dataset_name, model_name, license, builtin_data)
     return ModelCard.from_template(
         card_data,
-        template_str=read_template(model.config.model_type),
+        template_str=read_template(task.template or family),
         repo_id=repo_id,
         model_name=model_name,
         config=model.config,
+        family=family,
+        is_upernet=is_upernet(model),
         results=results,
         num_parameters_m=sum(p.numel() for p in model.parameters()) / 1e6,
         start_checkpoint=base_model,
-        dataset_label=dataset_label,
+        dataset_label=task.builtin_data_label if builtin_data else (dataset_name or task.custom_data_label),
         builtin_data=builtin_data,
         training_settings=training_settings(training_args, extra_settings),
         transformers_min=TRANSFORMERS_MIN,
@@ -206,7 +255,7 @@ def push_to_hub(
     *,
     token: str | None = None,
     private: bool | None = None,
-    commit_message: str = "Upload dynamic-compute image classifier (hf_msvit)",
+    commit_message: str = "Upload dynamic-compute vision model (hf_msvit)",
     revision: str | None = None,
     **card_kwargs,
 ) -> str:
@@ -361,8 +410,12 @@ def _version() -> str:
 
 __all__ = [
     "HubPushError",
+    "CARD_TASKS",
+    "CardTask",
     "build_model_card",
     "card_metadata",
+    "card_results",
+    "card_task",
     "demo_space_card",
     "push_demo_space",
     "push_to_hub",

@@ -20,7 +20,8 @@
 - `SegmentationTransform` / `SegmentationCollator`: image + label map -> `pixel_values` + `labels` (no torchvision).
 - `SegmentationTrainer` / `SegmentationMetrics`: evaluation image by image into a confusion matrix (mean IoU, per-class
   accuracy, computed here: no metric download), plus mean GMACs per image and the token ratio.
-- `build_segmentation_model_card`: the card pushed with `--push_to_hub`.
+
+Model cards come from `hf_msvit.hub.build_model_card` (the `segmentation.md` template), as the classifiers' do.
 """
 
 from __future__ import annotations
@@ -31,14 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
-from transformers import Trainer, UperNetConfig, UperNetForSemanticSegmentation
+from transformers import UperNetConfig, UperNetForSemanticSegmentation
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils.generic import can_return_tuple
 
-from .hub import is_hub_id
-from .training import ComputeSpent
+from .training import ComputeSpent, DynamicComputeTrainer
 
 
 # Backbone output field -> backbone config field holding its weight in the training loss.
@@ -203,10 +202,11 @@ class SegmentationCollator:
 # Evaluation
 
 
-class SegmentationTrainer(Trainer):
-    """`Trainer` whose predictions are `(class map (batch, height, width), stats (batch, 2))`, with `stats` the MACs
-    and the token ratio of each image (`hf_msvit.training.ComputeSpent`): the argmax is taken at once, so
-    evaluation never holds the logits of the whole set. Everything else is the stock `Trainer`."""
+class SegmentationTrainer(DynamicComputeTrainer):
+    """`DynamicComputeTrainer` (training-time compute in the logs, the gates' own learning rate) whose predictions
+    are `(class map (batch, height, width), stats (batch, 2))`, with `stats` the MACs and the token ratio of each image
+    (`hf_msvit.training.ComputeSpent`): the argmax is taken at once, so evaluation never holds the logits of the whole
+    set."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -290,97 +290,6 @@ class SegmentationMetrics:
         return metrics
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Model card
-
-
-CARD_METRICS = ("mean_iou", "mean_accuracy", "overall_accuracy", "gmacs", "fine_region_ratio", "token_keep_ratio")
-
-CARD_TEMPLATE = """# {name}
-
-Semantic segmentation: {architecture} (`hf_msvit`), {origin}, trained with `examples/run_semantic_segmentation.py`.
-
-```python
-{usage}
-```
-
-## Evaluation ({dataset}, validation split)
-
-| metric | value |
-|---|---|
-{rows}
-
-GMACs per image are analytic counts of what each image computed (the upsampling of the logits is not counted). The
-token ratio is MSViT's fraction of regions tokenized fine, or DiT's fraction of tokens computed.
-"""
-
-
-def _usage_code(model, repo_id: str) -> str:
-    if isinstance(model, UperNetForSemanticSegmentation):  # transformers' UperNet: our backbone must be registered
-        return (
-            "import hf_msvit  # registers the backbone config and class\n"
-            "from transformers import UperNetForSemanticSegmentation\n\n"
-            f"model = UperNetForSemanticSegmentation.from_pretrained({repo_id!r})"
-        )
-    return (
-        "from transformers import AutoModelForSemanticSegmentation\n\n"
-        f"model = AutoModelForSemanticSegmentation.from_pretrained({repo_id!r}, trust_remote_code=True)"
-    )
-
-
-def build_segmentation_model_card(
-    model,
-    repo_id: str,
-    eval_metrics: dict,
-    dataset_name: str | None = None,
-    base_model: str | None = None,
-    builtin_data: bool = False,
-) -> ModelCard:
-    """A `ModelCard` for a model of `examples/run_semantic_segmentation.py`: usage code and the evaluation metrics
-    (`eval_*` keys of `eval_metrics`: mIoU, accuracies, GMACs, token ratio); the metadata names the dataset and holds a
-    `model-index` (mean IoU) only when `dataset_name` is a Hub id. `builtin_data`: trained on the built-in data."""
-    model = getattr(model, "module", model)
-    is_upernet = isinstance(model, UperNetForSemanticSegmentation)
-    family = (model.config.backbone_config if is_upernet else model.config).model_type
-    metrics = {key.removeprefix("eval_"): value for key, value in eval_metrics.items() if key.startswith("eval_")}
-    dataset_id = dataset_name if is_hub_id(dataset_name) and not builtin_data else None
-    if builtin_data:
-        dataset_label = "digits-on-canvas segmentation, built into hf_msvit"
-    else:
-        dataset_label = dataset_name or "custom data"
-    body = CARD_TEMPLATE.format(
-        name=repo_id.split("/")[-1],
-        architecture=f"UperNet on a `{family}` backbone" if is_upernet else "MSViT with a linear decoder",
-        origin=f"upcycled from `{base_model}`" if base_model else "upcycled from a static backbone trained here",
-        usage=_usage_code(model, repo_id),
-        dataset=dataset_label,
-        rows="\n".join(f"| {name} | {metrics[name]:.4g} |" for name in CARD_METRICS if name in metrics),
-    )
-    results = None
-    if "mean_iou" in metrics and dataset_id is not None:
-        results = [
-            EvalResult(
-                task_type="image-segmentation",
-                dataset_type=dataset_id,
-                dataset_name=dataset_id,
-                metric_type="mean_iou",
-                metric_value=float(metrics["mean_iou"]),
-            )
-        ]
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-segmentation",
-        license="apache-2.0",
-        tags=["vision", "image-segmentation", "hf_msvit", family],
-        datasets=[dataset_id] if dataset_id else None,
-        metrics=["mean_iou"],
-        base_model=base_model if is_hub_id(base_model) else None,
-        model_name=repo_id.split("/")[-1],
-        eval_results=results,
-    )
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
-
-
 __all__ = [
     "AUXILIARY_LOSS_WEIGHTS",
     "DynamicSegmenterOutput",
@@ -390,7 +299,6 @@ __all__ = [
     "SegmentationTrainer",
     "SegmentationTransform",
     "backbone_auxiliary_loss",
-    "build_segmentation_model_card",
     "confusion_matrix",
     "conv_macs_per_image",
     "segmentation_scores",

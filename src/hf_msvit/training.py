@@ -36,8 +36,10 @@ from .distributed import fsdp_modules, full_parameters
 
 
 def ratio_metric_name(model_or_config) -> str:
-    """Name of the per-image token ratio a model reports: `fine_region_ratio` (MSViT) or `token_keep_ratio` (DiT)."""
+    """Name of the per-image token ratio a model reports: `fine_region_ratio` (MSViT) or `token_keep_ratio` (DiT);
+    a model around a backbone (UperNet) is named by its backbone."""
     config = getattr(model_or_config, "config", model_or_config)
+    config = getattr(config, "backbone_config", None) or config
     return "fine_region_ratio" if getattr(config, "model_type", None) == "msvit" else "token_keep_ratio"
 
 
@@ -235,7 +237,7 @@ class DynamicComputeTrainer(Trainer):
             return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
         model = self.model if model is None else model
-        gate_ids = {id(p) for name, p in model.named_parameters() if GATE_PARAMETER_PATTERN.search(name)}
+        gate_ids = {id(p) for name, p in model.named_parameters() if is_gate_parameter(name)}
         for group in list(optimizer.param_groups):
             gates = [p for p in group["params"] if id(p) in gate_ids]
             if gates:
@@ -249,9 +251,14 @@ class DynamicComputeTrainer(Trainer):
 GATE_PARAMETER_PATTERN = re.compile(r"(^|\.)(gate|\w+_gates|batch_shaping)\.")
 
 
+def is_gate_parameter(name: str) -> bool:
+    """Whether the parameter (or state-dict entry) `name` belongs to a gate / router or the GBaS priors."""
+    return GATE_PARAMETER_PATTERN.search(name) is not None
+
+
 def gate_parameter_names(model) -> list[str]:
     """Names of the gate / router parameters of an MSViT or DiT model."""
-    return [name for name, _ in model.named_parameters() if GATE_PARAMETER_PATTERN.search(name)]
+    return [name for name, _ in model.named_parameters() if is_gate_parameter(name)]
 
 
 def freeze_all_but_gates(model) -> list[str]:
@@ -282,6 +289,7 @@ __all__ = [
     "compute_metrics_from",
     "freeze_all_but_gates",
     "gate_parameter_names",
+    "is_gate_parameter",
     "make_compute_metrics",
     "ratio_metric_name",
     "static_macs",

@@ -119,8 +119,7 @@ def draw_dit_routing(stage_keep_ratio: torch.Tensor, downsampled: torch.Tensor, 
     """Draws one image's route: `stage_keep_ratio` `(scales, stages)`, `downsampled` `(scales - 1, stages + 1)`.
 
     Rows are scales (stride 4 at the top), node columns left to right. A stage (box between two nodes) is filled in
-    proportion to the fraction of tokens it computed; a downsampling edge is a solid arrow if taken, a faint one if
-    not.
+    proportion to the fraction of tokens it computed; a downsampling edge is a solid arrow if taken, else a faint one.
     """
     scales, stages = stage_keep_ratio.shape
     margin, node = 40, 10

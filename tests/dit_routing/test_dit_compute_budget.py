@@ -37,7 +37,7 @@ def _analytic_cost(config, size, tokens):
 
 def test_forward_reports_the_budget_it_spent_and_every_image_spends_the_same():
     model = build(routing_mode="dynamic")
-    static = model.static_macs((64, 64))
+    static = model.static_macs()
     head = model.classifier.weight.numel()
     with torch.no_grad():
         spent = [model(pixels(3), compute_budget=budget).macs for budget in (0.7, 0.8, 0.9, 1.0)]
@@ -134,7 +134,7 @@ def test_calibrated_profile_follows_the_trained_allocation_and_spends_the_budget
     assert profile[1] == 0.0 and all(0.0 < p <= 1.0 for i, p in enumerate(profile) if i != 1)
     expected = threshold_route.stage_keep_ratio.sum(2).mean(0).clamp(max=1.0)
     torch.testing.assert_close(torch.tensor(profile), expected, atol=1e-4, rtol=0)
-    static, head = model.static_macs((64, 64)), model.classifier.weight.numel()
+    static, head = model.static_macs(), model.classifier.weight.numel()
     with torch.no_grad():
         out = model(pixels(3), compute_budget=0.5)
     assert abs((out.macs[0] - head) / (static - head) - 0.5) <= 0.02 * 0.5

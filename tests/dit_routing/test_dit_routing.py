@@ -165,7 +165,7 @@ def test_static_and_full_macs_equal_the_analytic_count():
         expected = dit_route_macs(model.config, 64, 64, mode) + head
         assert out.macs.tolist() == [expected, expected]
         route_macs = model.static_macs() if mode == "static" else model.full_grid_macs()
-        dit_macs = model.dit.static_macs(64) if mode == "static" else model.dit.full_grid_macs(64)
+        dit_macs = model.dit.static_macs() if mode == "static" else model.dit.full_grid_macs()
         assert route_macs == expected == dit_macs + head
         assert out.budget_loss is None
         keep = out.stage_keep_ratio[0]

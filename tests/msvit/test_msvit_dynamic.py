@@ -264,7 +264,7 @@ def test_macs_follow_the_token_counts():
         )
         assert macs == pytest.approx(expected, rel=1e-6)
     all_fine = model(x[:1], fine_region_mask=torch.ones(1, 4, 4, dtype=torch.bool)).macs
-    assert float(all_fine) == pytest.approx(model.static_macs(fine=True), rel=1e-6)
+    assert float(all_fine) == pytest.approx(model.static_macs(), rel=1e-6)
 
 
 @pytest.mark.parametrize("fine_ratio", [0.0, 0.25, 0.5, 0.75, 1.0])

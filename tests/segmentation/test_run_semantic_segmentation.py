@@ -3,6 +3,7 @@ folder, model card."""
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ TINY = [
     "--canvas_size", "32", "--digit_copies", "1", "--max_train_samples", "16", "--max_eval_samples", "8",
     "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "32",
     "--gate_hidden_size", "16", "--upernet_hidden_size", "8", "--per_device_train_batch_size", "8",
-    "--per_device_eval_batch_size", "8", "--static_max_steps", "2", "--gate_only_max_steps", "1", "--max_steps", "2",
+    "--per_device_eval_batch_size", "8", "--backbone_max_steps", "2", "--gate_only_max_steps", "1", "--max_steps", "2",
     "--logging_steps", "1", "--disable_tqdm", "True", "--use_cpu", "True", "--dataloader_num_workers", "0",
 ]  # fmt: skip
 
@@ -39,18 +40,18 @@ def test_example_trains_msvit_and_dit_on_the_builtin_data(tmp_path):
     for model_type, ratio in (("msvit", "fine_region_ratio"), ("dit_routing", "token_keep_ratio")):
         output_dir = tmp_path / model_type
         metrics = script.main([*TINY, "--model_type", model_type, "--output_dir", str(output_dir)])
-        for prefix in ("static_eval", "eval"):
+        for prefix in ("backbone_eval", "eval"):
             assert 0.0 <= metrics[f"{prefix}_mean_iou"] <= 1.0, metrics
             assert f"{prefix}_accuracy_digit 3" in metrics and f"{prefix}_iou_background" in metrics
         assert metrics["eval_gmacs"] > 0 and 0.0 <= metrics[f"eval_{ratio}"] <= 1.0
-        assert {"phase-static", "phase-gate", "phase-joint"} <= {p.name for p in output_dir.iterdir()}
+        assert {"phase-backbone", "phase-gate", "phase-joint"} <= {p.name for p in output_dir.iterdir()}
         assert json.loads((output_dir / "all_results.json").read_text()) == pytest.approx(metrics, nan_ok=True)
         card = (output_dir / "README.md").read_text()
         assert "pipeline_tag: image-segmentation" in card and "mean_iou" in card
         model = AutoModelForSemanticSegmentation.from_pretrained(output_dir).eval()
         if model_type == "msvit":
             assert type(model) is MSViTForSemanticSegmentation
-            assert metrics["static_eval_fine_region_ratio"] == 1.0  # the static phase is the ViT: every region fine
+            assert metrics["backbone_eval_fine_region_ratio"] == 1.0  # the backbone phase: the ViT, every region fine
         else:
             assert type(model) is UperNetForSemanticSegmentation and isinstance(model.backbone, DiTBackbone)
         with torch.no_grad():
@@ -58,45 +59,47 @@ def test_example_trains_msvit_and_dit_on_the_builtin_data(tmp_path):
 
 
 def test_push_to_hub_uploads_the_model_folder_with_a_card(tmp_path):
-    """`--push_to_hub`: one `upload_folder` of the output folder (phase folders left out); the Hub API is mocked."""
+    """`--push_to_hub`: the model folder (weights, code, processor, card) in one `upload_folder` through
+    `hf_msvit.hub.push_to_hub`, as the classification example; the Hub API is mocked."""
     from unittest import mock
 
     import huggingface_hub
     from transformers import TrainingArguments
 
-    from hf_msvit import MSViTImageProcessor
+    from hf_msvit import MSViTImageProcessor, phases
 
-    script = load_script()
     config = MSViTConfig(image_size=32, patch_size=8, coarse_patch_size=16, hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32, gate_hidden_size=16, num_labels=3)  # fmt: skip
     args = TrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="me/msvit-seg", report_to="none")
-    calls = []
-    created = mock.Mock(repo_id="me/msvit-seg")
+    uploaded = []
+
+    def upload_folder(self, **kwargs):
+        uploaded.append({"repo_id": kwargs["repo_id"], "files": sorted(os.listdir(kwargs["folder_path"]))})
+        return "https://hub/commit"
+
     with mock.patch.multiple(
-        huggingface_hub.HfApi,
-        create_repo=lambda self, repo_id, **kwargs: created,
-        upload_folder=lambda self, **kwargs: calls.append(kwargs) or "https://hub/commit",
+        huggingface_hub.HfApi, create_repo=lambda self, repo_id, **kwargs: mock.Mock(), upload_folder=upload_folder
     ):
-        metrics = {"eval_mean_iou": 0.5, "eval_gmacs": 0.01}
         model, processor = MSViTForSemanticSegmentation(config), MSViTImageProcessor()
-        script.save_and_push(model, processor, args, metrics, None, None)  # the built-in data
-    assert len(calls) == 1 and calls[0]["repo_id"] == "me/msvit-seg"
-    assert calls[0]["folder_path"] == str(tmp_path) and "phase-*" in calls[0]["ignore_patterns"]
-    files = {path.name for path in tmp_path.iterdir()}
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_msvit.py", "README.md"} <= files
+        metrics = {"eval_mean_iou": 0.5, "eval_gmacs": 0.01}
+        assert phases.save_and_push(model, args, processor, eval_metrics=metrics, builtin_data=True) is None
+    assert len(uploaded) == 1 and uploaded[0]["repo_id"] == "me/msvit-seg"
+    expected = {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_msvit.py", "README.md"}
+    assert expected <= set(uploaded[0]["files"]) and expected <= {path.name for path in tmp_path.iterdir()}
     card = (tmp_path / "README.md").read_text()
     assert "| mean_iou | 0.5 |" in card and "trust_remote_code=True" in card
+    assert "pipeline_tag: image-segmentation" in card
     # the built-in data has no Hub id: named in the text, no dataset and no model-index in the metadata
     assert "built into hf_msvit" in card and "datasets:" not in card and "model-index" not in card
 
 
 def test_segmentation_card_names_a_hub_dataset_with_its_mean_iou():
-    from hf_msvit.segmentation import build_segmentation_model_card
+    from hf_msvit.hub import build_model_card
 
     config = MSViTConfig(image_size=32, patch_size=8, coarse_patch_size=16, hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32, gate_hidden_size=16, num_labels=3)  # fmt: skip
     metrics = {"eval_mean_iou": 0.25, "eval_gmacs": 0.01}
-    card = build_segmentation_model_card(MSViTForSemanticSegmentation(config), "me/seg", metrics, "scene_parse_150")
-    assert card.data.datasets == ["scene_parse_150"]
+    card = build_model_card(MSViTForSemanticSegmentation(config), "me/seg", metrics, dataset_name="scene_parse_150")
+    assert card.data.datasets == ["scene_parse_150"] and card.data.pipeline_tag == "image-segmentation"
     result = card.data.eval_results[0]
     assert result.metric_value == 0.25 and result.dataset_name == "scene_parse_150"

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hf_msvit.phases import PhaseRunner
+
 from example_script import load_script
 
 
@@ -20,16 +22,16 @@ def main():
     script = load_script()
     seen, models = {}, []
     current = {"phase": None}
-    original_collate, original_run_phase = script.collate_fn, script.run_phase
+    original_collate, original_run = script.collate_fn, PhaseRunner.run
 
     def recording_collate(examples):
         seen.setdefault(current["phase"], []).extend(int(e["source_index"]) for e in examples)
         return original_collate(examples)
 
-    def recording_run_phase(name, model, *args, **kwargs):
+    def recording_run(self, name, model, *args, **kwargs):
         current["phase"] = name
         models.append(model)
-        return original_run_phase(name, model, *args, **kwargs)
+        return original_run(self, name, model, *args, **kwargs)
 
     class RecordingTrainer(script.DynamicComputeTrainer):
         def get_train_dataloader(self):  # record training batches only (evaluation batches are padded per rank)
@@ -40,7 +42,7 @@ def main():
                 self.data_collator = original_collate
 
     script.DynamicComputeTrainer = RecordingTrainer
-    script.run_phase = recording_run_phase
+    PhaseRunner.run = recording_run
     metrics = script.main(argv)
 
     model = models[-1]

@@ -8,6 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_msvit import phases
+from hf_msvit.phases import PhaseRunner
+
 from example_script import load_script, script_args
 
 
@@ -20,16 +23,16 @@ def script():
 
 
 @pytest.fixture
-def recorded_phases(script, monkeypatch):
-    """Records the arguments of every `run_phase` call (phase name -> TrainingArguments overrides, gate lr)."""
+def recorded_phases(monkeypatch):
+    """Records the arguments of every phase run (phase name -> TrainingArguments overrides, gate lr)."""
     calls = {}
-    original = script.run_phase
+    original = PhaseRunner.run
 
-    def recording_run_phase(name, model, context, overrides, gate_learning_rate=None):
-        calls[name] = {**overrides, "gate_learning_rate": gate_learning_rate}
-        return original(name, model, context, overrides, gate_learning_rate)
+    def recording_run(self, name, model, overrides=None, **trainer_kwargs):
+        calls[name] = {**(overrides or {}), "gate_learning_rate": trainer_kwargs.get("gate_learning_rate")}
+        return original(self, name, model, overrides, **trainer_kwargs)
 
-    monkeypatch.setattr(script, "run_phase", recording_run_phase)
+    monkeypatch.setattr(PhaseRunner, "run", recording_run)
     return calls
 
 
@@ -242,11 +245,11 @@ def test_imagefolder_and_dataset_name(script, tmp_path):
     assert len(config["id2label"]) == 10 and "eval_fine_region_ratio" in metrics
 
 
-def test_several_cpu_processes_default_to_one_gloo_group(script, monkeypatch):
+def test_several_cpu_processes_default_to_one_gloo_group(monkeypatch):
     """Launched as several processes on a machine without GPU: CPU + gloo by default (else each process would train
     alone on the full data); an explicit --use_cpu / --ddp_backend still wins."""
-    monkeypatch.setattr(script, "has_accelerator", lambda: False)
+    monkeypatch.setattr(phases, "has_accelerator", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert script.launch_defaults() == {"use_cpu": True, "ddp_backend": "gloo"}
+    assert phases.launch_defaults() == {"use_cpu": True, "ddp_backend": "gloo"}
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert script.launch_defaults() == {}
+    assert phases.launch_defaults() == {}

@@ -382,6 +382,25 @@ class DiTPreTrainedModel(PreTrainedModel):
         return profile
 
 
+# The routing arguments of every DiT forward (`auto_docstring` reads them from here).
+DIT_ROUTING_ARGS = r"""
+    gate_threshold (`float`, *optional*):
+        Overrides `config.gate_threshold` for this call: at inference a row gate computes a token when its probability
+        of computing it is `>= gate_threshold`. Higher values compute fewer tokens.
+    compute_budget (`float`, *optional*):
+        Overrides `config.compute_budget` for this call (inference): every image computes this fraction of the static
+        route's cost (a head excluded), PVTv2's route with the tokens the row gates score highest (see `DiTConfig`).
+"""
+CLASSIFICATION_ARGS = (
+    r"""
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        Labels for computing the image classification/regression loss. Indices should be in `[0, ...,
+        config.num_labels - 1]`. In dynamic routing `budget_loss_weight * budget_loss` is added to the loss.
+"""
+    + DIT_ROUTING_ARGS
+)
+
+
 @auto_docstring
 class DiTModel(DiTPreTrainedModel):
     def __init__(self, config: DiTConfig):
@@ -420,17 +439,17 @@ class DiTModel(DiTPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.stem.proj
 
-    def static_macs(self, image_size: int | tuple[int, int] | None = None) -> int:
-        """MACs per image of the static (PVTv2) route at `image_size` (default: the config's)."""
-        return dit_route_macs(self.config, *_pair(image_size or self.config.image_size), "static")
+    def static_macs(self) -> int:
+        """MACs per image of the static (PVTv2) route at the config's image size (other sizes: `dit_route_macs`)."""
+        return dit_route_macs(self.config, *_pair(self.config.image_size), "static")
 
-    def full_grid_macs(self, image_size: int | tuple[int, int] | None = None) -> int:
-        """MACs per image with every stage, edge and token computed (the paper's "Fully"), at `image_size`."""
-        return dit_route_macs(self.config, *_pair(image_size or self.config.image_size), "full")
+    def full_grid_macs(self) -> int:
+        """MACs per image with every stage, edge and token computed (the paper's "Fully"), at the config's size."""
+        return dit_route_macs(self.config, *_pair(self.config.image_size), "full")
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
-    @auto_docstring
+    @auto_docstring(custom_args=DIT_ROUTING_ARGS)
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -438,14 +457,6 @@ class DiTModel(DiTPreTrainedModel):
         compute_budget: float | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DiTModelOutput:
-        r"""
-        gate_threshold (`float`, *optional*):
-            Overrides `config.gate_threshold` for this call: at inference a row gate computes a token when its
-            probability of computing it is `>= gate_threshold`. Higher values compute fewer tokens.
-        compute_budget (`float`, *optional*):
-            Overrides `config.compute_budget` for this call (inference): every image computes this fraction of the
-            static route's cost, PVTv2's route with the tokens the row gates score highest (see `DiTConfig`).
-        """
         self._check_pixel_values(pixel_values)
         threshold = self.config.gate_threshold if gate_threshold is None else gate_threshold
         if not 0.0 <= threshold <= 1.0:
@@ -524,7 +535,7 @@ class DiTForImageClassification(DiTPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
-    @auto_docstring
+    @auto_docstring(custom_args=CLASSIFICATION_ARGS)
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -534,16 +545,6 @@ class DiTForImageClassification(DiTPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> DiTImageClassifierOutput:
         r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            Labels for computing the image classification/regression loss. Indices should be in `[0, ...,
-            config.num_labels - 1]`. In dynamic routing `budget_loss_weight * budget_loss` is added to the loss.
-        gate_threshold (`float`, *optional*):
-            Overrides `config.gate_threshold` for this call: at inference a row gate computes a token when its
-            probability of computing it is `>= gate_threshold`. Higher values compute fewer tokens.
-        compute_budget (`float`, *optional*):
-            Overrides `config.compute_budget` for this call (inference): every image computes this fraction of the
-            static route's cost (classifier excluded), PVTv2's route with the tokens the row gates score highest.
-
         Examples:
 
         ```python
@@ -581,13 +582,13 @@ class DiTForImageClassification(DiTPreTrainedModel):
             token_keep_ratio=outputs.token_keep_ratio,
         )
 
-    def static_macs(self, image_size: int | tuple[int, int] | None = None) -> int:
+    def static_macs(self) -> int:
         """MACs per image of the static (PVTv2) route, classifier included."""
-        return self.dit.static_macs(image_size) + self._head_macs()
+        return self.dit.static_macs() + self._head_macs()
 
-    def full_grid_macs(self, image_size: int | tuple[int, int] | None = None) -> int:
+    def full_grid_macs(self) -> int:
         """MACs per image of the full grid (every stage, edge and token), classifier included."""
-        return self.dit.full_grid_macs(image_size) + self._head_macs()
+        return self.dit.full_grid_macs() + self._head_macs()
 
     def _head_macs(self) -> int:
         return self.classifier.weight.numel() if isinstance(self.classifier, nn.Linear) else 0
@@ -606,7 +607,7 @@ class DiTBackbone(BackboneMixin, DiTModel):
 
     @can_return_tuple
     @filter_output_hidden_states
-    @auto_docstring
+    @auto_docstring(custom_args=DIT_ROUTING_ARGS)
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -615,10 +616,6 @@ class DiTBackbone(BackboneMixin, DiTModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> DiTBackboneOutput:
         r"""
-        gate_threshold (`float`, *optional*):
-            Overrides `config.gate_threshold` for this call (row gates at inference; higher computes fewer tokens).
-        compute_budget (`float`, *optional*):
-            Overrides `config.compute_budget` for this call (inference: the exact-budget mode, see `DiTConfig`).
 
         Examples:
 

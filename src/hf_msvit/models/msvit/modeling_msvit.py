@@ -53,6 +53,21 @@ from .convert_vit_to_msvit import convert_vit_to_msvit
 # trf-ignore: TRF041 config.gbas_input, config.gbas_gather_across_processes
 
 
+# The tokenization arguments of every MSViT forward (`auto_docstring` reads them from here).
+MSVIT_TOKENIZATION_ARGS = r"""
+    fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
+        Overrides the gate: True tokenizes a region fine, False coarse. All True gives the token set of the ViT the
+        model was upcycled from (a head on it computes that ViT's output); all False the coarse-only tokenization. The
+        gate does not run.
+    gate_threshold (`float`, *optional*):
+        Overrides `config.gate_threshold` for this call. Higher values select fewer fine regions.
+    fine_region_budget (`int` or `float`, *optional*):
+        Overrides `config.fine_region_budget` for this call (inference): tokenize exactly this many regions fine per
+        image (an `int` count, or a `float` fraction of the regions), those with the highest gate probabilities. Every
+        image then has the same number of tokens.
+"""
+
+
 @auto_docstring
 @dataclass
 class MSViTModelOutput(BaseModelOutputWithPooling):
@@ -584,6 +599,18 @@ class MSViTPreTrainedModel(PreTrainedModel):
                 temperature = self.config.gbas_prior_temperature
                 init.constant_(module.prior_temperature_logits, math.log(temperature / (1.0 - temperature)))
 
+    def _run_msvit(self, pixel_values, fine_region_mask, gate_threshold, fine_region_budget, **kwargs):
+        """A head's call of its base model `self.msvit`, as a `MSViTModelOutput` (with `config.return_dict=False` the
+        base model would return a tuple to the head too)."""
+        return self.msvit(
+            pixel_values,
+            fine_region_mask=fine_region_mask,
+            gate_threshold=gate_threshold,
+            fine_region_budget=fine_region_budget,
+            return_dict=True,
+            **kwargs,
+        )
+
     def _fold_gate_loss(self, task_loss: torch.Tensor, outputs: "MSViTModelOutput") -> torch.Tensor:
         """A head's loss: its task loss plus `config.gbas_loss_weight * gate_loss` (when the gate ran)."""
         if outputs.gate_loss is None:
@@ -736,7 +763,7 @@ class MSViTModel(MSViTPreTrainedModel):
         if self.config.gbas_gather_across_processes and self.training:
             gate_values = gather_across_processes(gate_values)
         loss = self.batch_shaping(gate_values)
-        if self.config.gate_level_loss_weight > 0 and decisions.logits is not None:
+        if decisions.logits is not None:
             loss = loss + self.config.gate_level_loss_weight * self._level_loss(decisions.logits)
         return loss
 
@@ -747,9 +774,7 @@ class MSViTModel(MSViTPreTrainedModel):
         in the logits, so it does not vanish when the gate saturates."""
         config = self.config
         logits = logits.float().flatten()
-        threshold = (
-            math.log(config.gate_threshold / (1.0 - config.gate_threshold)) if 0 < config.gate_threshold < 1 else 0.0
-        )
+        threshold = torch.logit(torch.tensor(float(config.gate_threshold)), eps=1e-6)
         shift = (torch.quantile(logits.detach(), 1.0 - config.gbas_target_ratio) - threshold).detach()
         wanted_mean = logits.mean().detach() - shift
         return (logits.mean() - wanted_mean).pow(2)
@@ -767,7 +792,7 @@ class MSViTModel(MSViTPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
-    @auto_docstring
+    @auto_docstring(custom_args=MSVIT_TOKENIZATION_ARGS)
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -776,17 +801,6 @@ class MSViTModel(MSViTPreTrainedModel):
         fine_region_budget: int | float | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MSViTModelOutput:
-        r"""
-        fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
-            Overrides the gate: True tokenizes a region fine, False coarse. All True gives the token set of the ViT the
-            model was upcycled from; all False the coarse-only tokenization. The gate does not run.
-        gate_threshold (`float`, *optional*):
-            Overrides `config.gate_threshold` for this call. Higher values select fewer fine regions.
-        fine_region_budget (`int` or `float`, *optional*):
-            Overrides `config.fine_region_budget` for this call (inference): tokenize exactly this many regions fine
-            per image (an `int` count, or a `float` fraction of the regions), those with the highest gate
-            probabilities. Every image then has the same number of tokens.
-        """
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values.")
         budget = self.config.fine_region_budget if fine_region_budget is None else fine_region_budget
@@ -836,13 +850,26 @@ class MSViTModel(MSViTPreTrainedModel):
         grid = last_hidden_state.gather(1, position[..., None].expand(-1, -1, last_hidden_state.shape[-1]))
         return grid.transpose(1, 2).reshape(batch_size, -1, fine_h, fine_w)
 
-    def static_macs(self, fine: bool = True) -> float:
-        """MACs per image of the static ViT this model comes from (`fine=True`: ViT/`patch_size`, every region
-        fine, no gate) or of the coarse-only tokenization (`fine=False`)."""
-        fine_h, fine_w = self.config.fine_grid
-        coarse_h, coarse_w = self.config.coarse_grid
-        patches = fine_h * fine_w if fine else coarse_h * coarse_w
-        return float(vit_macs(self.config, patches, with_pooler=self.pooler is not None))
+    def static_macs(self) -> float:
+        """MACs per image of the static ViT this model comes from (ViT/`patch_size`: every region fine, no gate)."""
+        return self._tokenization_macs(self.config.fine_grid)
+
+    def coarse_only_macs(self) -> float:
+        """MACs per image of the coarse-only tokenization (every region one coarse token, no gate)."""
+        return self._tokenization_macs(self.config.coarse_grid)
+
+    def _tokenization_macs(self, grid: tuple[int, int]) -> float:
+        return float(vit_macs(self.config, grid[0] * grid[1], with_pooler=self.pooler is not None))
+
+
+CLASSIFICATION_ARGS = (
+    r"""
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        Labels for the classification loss, in `[0, ..., config.num_labels - 1]`. The returned `loss` also
+        includes `config.gbas_loss_weight * gate_loss` when the gate ran.
+"""
+    + MSVIT_TOKENIZATION_ARGS
+)
 
 
 @auto_docstring(
@@ -859,7 +886,7 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
-    @auto_docstring
+    @auto_docstring(custom_args=CLASSIFICATION_ARGS)
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -870,18 +897,6 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MSViTImageClassifierOutput:
         r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            Labels for the classification loss, in `[0, ..., config.num_labels - 1]`. The returned `loss` also
-            includes `config.gbas_loss_weight * gate_loss` when the gate ran.
-        fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
-            Overrides the gate: True tokenizes a region fine, False coarse. All True gives the token set of the ViT the
-            model was upcycled from; all False the coarse-only tokenization. The gate does not run.
-        gate_threshold (`float`, *optional*):
-            Overrides `config.gate_threshold` for this call. Higher values select fewer fine regions.
-        fine_region_budget (`int` or `float`, *optional*):
-            Overrides `config.fine_region_budget` for this call (inference): exactly this many regions fine per image
-            (`int` count or `float` fraction), those with the highest gate probabilities; every image the same length.
-
         Example:
 
         ```python
@@ -895,29 +910,25 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         (torch.Size([2, 7, 7]), torch.Size([2]), torch.Size([2]))
         ```
         """
-        # `return_dict=True`: with `config.return_dict=False` the base model would return a tuple to the head too.
-        outputs: MSViTModelOutput = self.msvit(
-            pixel_values,
-            fine_region_mask=fine_region_mask,
-            gate_threshold=gate_threshold,
-            fine_region_budget=fine_region_budget,
-            return_dict=True,
-            **kwargs,
-        )
+        outputs = self._run_msvit(pixel_values, fine_region_mask, gate_threshold, fine_region_budget, **kwargs)
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
 
         loss = None
         if labels is not None:
             loss = self._fold_gate_loss(self.loss_function(labels, logits, self.config, **kwargs), outputs)
-        macs = outputs.macs
-        if isinstance(self.classifier, nn.Linear):
-            macs = macs + self.classifier.weight.numel()
+        macs = outputs.macs + self._head_macs()
         return MSViTImageClassifierOutput(loss=loss, logits=logits, **self._gate_outputs(outputs, macs))
 
-    def static_macs(self, fine: bool = True) -> float:
-        """MACs per image of the static ViT (`fine=True`) or of the coarse-only tokenization, head included."""
-        head = self.classifier.weight.numel() if isinstance(self.classifier, nn.Linear) else 0
-        return self.msvit.static_macs(fine) + head
+    def static_macs(self) -> float:
+        """MACs per image of the static ViT, head included."""
+        return self.msvit.static_macs() + self._head_macs()
+
+    def coarse_only_macs(self) -> float:
+        """MACs per image of the coarse-only tokenization, head included."""
+        return self.msvit.coarse_only_macs() + self._head_macs()
+
+    def _head_macs(self) -> int:
+        return self.classifier.weight.numel() if isinstance(self.classifier, nn.Linear) else 0
 
 
 @auto_docstring
@@ -930,6 +941,16 @@ class MSViTSemanticSegmenterOutput(MSViTGateOutput, SemanticSegmenterOutput):
     logits (`torch.FloatTensor` of shape `(batch_size, config.num_labels, height, width)`):
         Class scores per pixel, at the input size.
     """
+
+
+SEGMENTATION_ARGS = (
+    r"""
+    labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+        Ground-truth class per pixel, in `[0, ..., config.num_labels - 1]`, or `config.semantic_loss_ignore_index`
+        for pixels to ignore. The returned `loss` also includes `config.gbas_loss_weight * gate_loss`.
+"""
+    + MSVIT_TOKENIZATION_ARGS
+)
 
 
 @auto_docstring(
@@ -949,7 +970,7 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
-    @auto_docstring
+    @auto_docstring(custom_args=SEGMENTATION_ARGS)
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -960,18 +981,6 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MSViTSemanticSegmenterOutput:
         r"""
-        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-            Ground-truth class per pixel, in `[0, ..., config.num_labels - 1]`, or `config.semantic_loss_ignore_index`
-            for pixels to ignore. The returned `loss` also includes `config.gbas_loss_weight * gate_loss`.
-        fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
-            Overrides the gate: True tokenizes a region fine, False coarse. All True gives the ViT the model was
-            upcycled from (with the same decoder).
-        gate_threshold (`float`, *optional*):
-            Overrides `config.gate_threshold` for this call. Higher values select fewer fine regions.
-        fine_region_budget (`int` or `float`, *optional*):
-            Overrides `config.fine_region_budget` for this call (inference): exactly this many regions fine per image
-            (`int` count or `float` fraction), those with the highest gate probabilities.
-
         Example:
 
         ```python
@@ -989,15 +998,7 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
             raise ValueError(
                 f"Semantic segmentation needs at least 2 labels, the config has {self.config.num_labels}."
             )
-        # `return_dict=True`: with `config.return_dict=False` the base model would return a tuple to the head too.
-        outputs: MSViTModelOutput = self.msvit(
-            pixel_values,
-            fine_region_mask=fine_region_mask,
-            gate_threshold=gate_threshold,
-            fine_region_budget=fine_region_budget,
-            return_dict=True,
-            **kwargs,
-        )
+        outputs = self._run_msvit(pixel_values, fine_region_mask, gate_threshold, fine_region_budget, **kwargs)
         token_logits = self.decode_head(outputs.last_hidden_state)
         grid_logits = self.msvit.fine_grid_features(token_logits, outputs.fine_region_mask)
         logits = F.interpolate(grid_logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
@@ -1009,10 +1010,15 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
         macs = outputs.macs + (outputs.num_tokens - 1) * self.decode_head.weight.numel()
         return MSViTSemanticSegmenterOutput(loss=loss, logits=logits, **self._gate_outputs(outputs, macs))
 
-    def static_macs(self, fine: bool = True) -> float:
-        """MACs per image of the static ViT (`fine=True`) or of the coarse-only tokenization, decoder included."""
-        grid_h, grid_w = self.config.fine_grid if fine else self.config.coarse_grid
-        return self.msvit.static_macs(fine) + grid_h * grid_w * self.decode_head.weight.numel()
+    def static_macs(self) -> float:
+        """MACs per image of the static ViT, decoder included (one decoded token per fine patch)."""
+        grid_h, grid_w = self.config.fine_grid
+        return self.msvit.static_macs() + grid_h * grid_w * self.decode_head.weight.numel()
+
+    def coarse_only_macs(self) -> float:
+        """MACs per image of the coarse-only tokenization, decoder included (one decoded token per region)."""
+        grid_h, grid_w = self.config.coarse_grid
+        return self.msvit.coarse_only_macs() + grid_h * grid_w * self.decode_head.weight.numel()
 
     @classmethod
     def from_vit_pretrained(cls, vit, **config_overrides):
@@ -1055,7 +1061,7 @@ class MSViTBackbone(BackboneMixin, MSViTModel):
 
     @can_return_tuple
     @filter_output_hidden_states
-    @auto_docstring
+    @auto_docstring(custom_args=MSVIT_TOKENIZATION_ARGS)
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1065,12 +1071,6 @@ class MSViTBackbone(BackboneMixin, MSViTModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MSViTBackboneOutput:
         r"""
-        fine_region_mask (`torch.BoolTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
-            Overrides the gate: True tokenizes a region fine, False coarse.
-        gate_threshold (`float`, *optional*):
-            Overrides `config.gate_threshold` for this call.
-        fine_region_budget (`int` or `float`, *optional*):
-            Overrides `config.fine_region_budget` for this call (inference).
 
         Example:
 
