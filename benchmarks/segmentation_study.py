@@ -14,7 +14,8 @@ as two processes with one thread each:
   upcycled twice to UperNet on DiT (budget targets 0.8 and 0.6 of the PVTv2's cost), gates trained for half an epoch
   with the rest frozen, then everything fine-tuned jointly for an epoch.
 
-Each final model is then evaluated here on the validation split, image by image: mean IoU, mean per-class accuracy,
+The dynamic runs repeat with seeds 0, 1 and 2 (from the same static model). Each final model is then evaluated here on
+the test split (validation mean IoU beside it), image by image: mean IoU, mean per-class accuracy,
 GMACs per image (model and backbone alone) and token ratio. Since the dynamic models train a few epochs more than the
 static ones, each is also evaluated with its gates forced to the static tokenization / route ("same training, static"
 rows). The table, a mean-IoU-vs-GMACs plot and segmentation pictures go next to this file; a finished run is skipped
@@ -41,6 +42,7 @@ OUT = HERE / "segmentation_study"
 FAMILIES = ("msvit", "dit")
 MSVIT_TARGETS = (0.25, 0.5)
 DIT_BUDGETS = (0.8, 0.6)
+SEEDS = (0, 1, 2)  # of the dynamic runs (upcycled from the one static model of each chain, trained with seed 0)
 
 
 @dataclass
@@ -53,6 +55,11 @@ class Run:
     static_reference: str | None = None  # row name for the same model with its gates forced static
     eval_kwargs: dict = field(default_factory=dict)
     picture: bool = False  # draw segmentation pictures of this model
+    seed: int = 0
+
+    @property
+    def folder(self) -> str:
+        return self.name if self.family in ("vit", "pvt") else f"{self.name} s{self.seed}"
 
 
 def load_example():
@@ -80,11 +87,13 @@ def msvit_runs(runs: Path, quick: bool) -> list[Run]:
     vit = Run("ViT/8 (static)", "vit", ["--model_type", "msvit", *BATCH, *static, "--backbone_only", "true"])
     vit.eval_kwargs = {"all_fine": True}
     chain = [vit]
-    for target in MSVIT_TARGETS:
-        args = ["--model_name_or_path", str(runs / vit.name), "--reinit_gates", "true",
-                "--gbas_target_ratio", str(target), *BATCH, *dynamic]  # fmt: skip
-        reference = f"MSViT target {target}, all fine"
-        chain.append(Run(f"MSViT target {target}", "msvit", args, reference, picture=target == MSVIT_TARGETS[0]))
+    for seed in SEEDS[:1] if quick else SEEDS:
+        for target in MSVIT_TARGETS:
+            args = ["--model_name_or_path", str(runs / vit.name), "--reinit_gates", "true",
+                    "--gbas_target_ratio", str(target), *BATCH, *dynamic]  # fmt: skip
+            picture = target == MSVIT_TARGETS[0] and seed == 0
+            chain.append(Run(f"MSViT target {target}", "msvit", args, f"MSViT target {target}, all fine",
+                             picture=picture, seed=seed))  # fmt: skip
     return chain
 
 
@@ -96,21 +105,23 @@ def dit_runs(runs: Path, quick: bool) -> list[Run]:
     pvt = Run("PVTv2 + UperNet (static)", "pvt", ["--model_type", "dit_routing", *BATCH, *static,
                                                  "--backbone_only", "true"])  # fmt: skip
     chain = [pvt]
-    for budget in DIT_BUDGETS:
-        args = ["--model_name_or_path", str(runs / pvt.name), "--backbone_epochs", "0", "--budget_target", str(budget),
-                "--learning_rate", "2e-4", *BATCH, *dynamic]  # fmt: skip
-        reference = f"DiT budget {budget}, static route"
-        chain.append(Run(f"DiT budget {budget} + UperNet", "dit", args, reference, picture=budget == DIT_BUDGETS[-1]))
+    for seed in SEEDS[:1] if quick else SEEDS:
+        for budget in DIT_BUDGETS:
+            args = ["--model_name_or_path", str(runs / pvt.name), "--backbone_epochs", "0", "--budget_target",
+                    str(budget), "--learning_rate", "2e-4", *BATCH, *dynamic]  # fmt: skip
+            picture = budget == DIT_BUDGETS[-1] and seed == 0
+            chain.append(Run(f"DiT budget {budget} + UperNet", "dit", args, f"DiT budget {budget}, static route",
+                             picture=picture, seed=seed))  # fmt: skip
     return chain
 
 
 def train(run: Run, runs: Path, settings: dict) -> Path:
     """Runs the example once for `run` (skipped when it finished before: the study resumes)."""
-    output_dir = runs / run.name
+    output_dir = runs / run.folder
     marker = output_dir / "study_done.json"
     if marker.exists():
         return output_dir
-    argv = ["--output_dir", str(output_dir), "--seed", str(settings["seed"]), "--canvas_size", "96",
+    argv = ["--output_dir", str(output_dir), "--seed", str(run.seed), "--canvas_size", "96",
             "--digit_copies", str(settings["copies"]), "--do_eval", "false", "--logging_steps", "50",
             "--save_strategy", "no", "--eval_strategy", "no",
             "--disable_tqdm", "true", *run.args]  # fmt: skip
@@ -268,30 +279,54 @@ def run_family(family: str, out: Path, quick: bool, seed: int) -> None:
     chain = msvit_runs(runs, quick) if family == "msvit" else dit_runs(runs, quick)
     for run in chain:
         train(run, runs, settings)
-    train_seconds = sum(json.loads((runs / run.name / "study_done.json").read_text())["seconds"] for run in chain)
-
+    train_seconds = sum(json.loads((runs / run.folder / "study_done.json").read_text())["seconds"] for run in chain)
     started = time.time()
-    from hf_msvit.data import SEGMENTATION_LABELS
-
-    validation = load_example().builtin_segmentation_data(96, settings["copies"])["validation"]
-    if quick:
-        validation = validation.select(range(32))
+    splits = load_example().builtin_segmentation_data(96, settings["copies"])
+    splits = {name: splits[name].select(range(32)) if quick else splits[name] for name in ("validation", "test")}
     rows = []
     for run in chain:
-        model, processor = load_for_evaluation(runs / run.name, run.family)
-        result = evaluate(model, processor, validation, len(SEGMENTATION_LABELS), **run.eval_kwargs)
-        rows.append({"name": run.name, "family": run.family, **result})
-        print(json.dumps(rows[-1]), flush=True)
-        if run.picture:
-            pictures(model, processor, validation, out / f"{family}_segmentation.png", run.name)
-        if run.static_reference:
-            reference = static_route(model) if run.family == "dit" else model
-            kwargs = {"all_fine": True} if run.family == "msvit" else {}
-            result = evaluate(reference, processor, validation, len(SEGMENTATION_LABELS), **kwargs)
-            rows.append({"name": run.static_reference, "family": f"{run.family}_static", **result})
-            print(json.dumps(rows[-1]), flush=True)
+        rows += evaluate_run(run, runs, splits, out / f"{family}_segmentation.png")
     payload = {"family": family, "train_seconds": train_seconds, "eval_seconds": time.time() - started, "rows": rows}
     write_atomic(out / f"rows_{family}.json", json.dumps(payload, indent=1))
+
+
+def evaluate_run(run: Run, runs: Path, splits: dict, picture_path: Path) -> list[dict]:
+    """Rows of one trained model on test (validation mean IoU beside it): as trained, and with its gates forced to
+    the static tokenization / route when it has a `static_reference`."""
+    from hf_msvit.data import SEGMENTATION_LABELS
+
+    model, processor = load_for_evaluation(runs / run.folder, run.family)
+    variants = [(run.name, run.family, model, run.eval_kwargs)]
+    if run.static_reference:
+        reference = static_route(model) if run.family == "dit" else model
+        variants.append((run.static_reference, f"{run.family}_static", reference,
+                         {"all_fine": True} if run.family == "msvit" else {}))  # fmt: skip
+    rows = []
+    for name, family, variant, kwargs in variants:
+        result = evaluate(variant, processor, splits["test"], len(SEGMENTATION_LABELS), **kwargs)
+        validation = evaluate(variant, processor, splits["validation"], len(SEGMENTATION_LABELS), **kwargs)
+        rows.append({"name": name, "family": family, "seed": run.seed, **result,
+                     "validation_mean_iou": validation["mean_iou"]})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    if run.picture:
+        pictures(model, processor, splits["test"], picture_path, run.name)
+    return rows
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per model name: means over its seeds, `<key>_min` / `<key>_max` of mean IoU and token ratio."""
+    merged = []
+    for name in dict.fromkeys(row["name"] for row in rows):
+        group = [row for row in rows if row["name"] == name]
+        row = {"name": name, "family": group[0]["family"], "seeds": len(group), "num_images": group[0]["num_images"]}
+        for key, value in group[0].items():
+            if isinstance(value, float):
+                values = [item[key] for item in group]
+                row[key] = float(np.mean(values))
+                if key in ("mean_iou", "token_ratio", "validation_mean_iou") and len(group) > 1:
+                    row[key + "_min"], row[key + "_max"] = float(min(values)), float(max(values))
+        merged.append(row)
+    return merged
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -304,19 +339,26 @@ def write_atomic(path: Path, text: str):
     tmp.replace(path)
 
 
+def spread(row: dict, key: str, digits: int = 3) -> str:
+    if key + "_min" not in row:
+        return f"{row[key]:.{digits}f}"
+    return f"{row[key]:.{digits}f} [{row[key + '_min']:.{digits}f}-{row[key + '_max']:.{digits}f}]"
+
+
 def render_table(payload: dict) -> str:
     lines = [
         "| model | mean IoU | digit IoU | mean accuracy | GMACs / image | backbone GMACs | token ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in payload["rows"]:
-        ratio = "-" if math.isnan(row["token_ratio"]) else f"{row['token_ratio']:.2f} ± {row['token_ratio_std']:.2f}"
+        ratio = "-" if math.isnan(row["token_ratio"]) else spread(row, "token_ratio", 2)
         lines.append(
-            f"| {row['name']} | {row['mean_iou']:.3f} | {row['digit_iou']:.3f} | {row['mean_accuracy']:.3f} | "
+            f"| {row['name']} | {spread(row, 'mean_iou')} | {row['digit_iou']:.3f} | {row['mean_accuracy']:.3f} | "
             f"{row['gmacs']:.4f} ± {row['gmacs_std']:.4f} | {row['backbone_gmacs']:.4f} | {ratio} |"
         )
     head = (
-        f"Validation images: {payload['rows'][0]['num_images']} (96x96). Mean IoU over the 11 classes (background "
+        f"Test images: {payload['rows'][0]['num_images']} (96x96); dynamic rows: mean [min-max] over seeds "
+        f"{payload['seeds']}; the static models trained once (seed 0). Mean IoU over the 11 classes (background "
         "and 10 digits), digit IoU over the 10 digit classes, mean per-class accuracy; GMACs per image as mean ± "
         "standard deviation over the images (the bilinear upsampling of the logits not counted); token ratio: MSViT's "
         "fraction of regions tokenized fine, DiT's fraction of tokens computed. Training "
@@ -343,8 +385,8 @@ def plot(rows: list[dict], path: Path):
             for r in chosen:
                 ax.annotate(r["name"], (r["gmacs"], r["mean_iou"]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("GMACs per image (mean over the validation set)")
-    ax.set_ylabel("validation mean IoU")
+    ax.set_xlabel("GMACs per image (mean over the test split)")
+    ax.set_ylabel("test mean IoU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -375,10 +417,12 @@ def main():
     parts = [json.loads((out / f"rows_{family}.json").read_text()) for family in FAMILIES]
     payload = {
         "quick": args.quick,
-        "seed": args.seed,
         "wall_seconds": time.time() - started,
         "train_seconds": sum(part["train_seconds"] for part in parts),
-        "rows": [row for part in parts for row in part["rows"]],
+        "split": "test",
+        "seeds": list(SEEDS[:1] if args.quick else SEEDS),
+        "rows": over_seeds([row for part in parts for row in part["rows"]]),
+        "runs": [row for part in parts for row in part["rows"]],
     }
     write_atomic(out / "results.json", json.dumps(payload, indent=1))
     write_atomic(out / "results.md", render_table(payload))

@@ -210,6 +210,10 @@ class ModelArguments:
             "tokens, a cheaper step); default: the config's, as in the gate-only phase."
         },
     )
+    joint_gate_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the gates in the joint phase (default: --gate_learning_rate; 0: frozen)."},
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={
@@ -537,9 +541,8 @@ def train(start: StartingPoint, runner: phases.PhaseRunner, model_args: ModelArg
     start.backbone = None
     summary.gate_learning_rate = gate_learning_rate(model_args, start)
     gate_length = phases.phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps)
-    summary.phases = runner.train_gates_then_jointly(
-        model, gate_length, summary.gate_learning_rate, model_args.joint_gate_training_mode
-    )
+    joint = phases.JointPhase(model_args.joint_gate_training_mode, model_args.joint_gate_learning_rate)
+    summary.phases = runner.train_gates_then_jointly(model, gate_length, summary.gate_learning_rate, joint)
     return model, summary
 
 

@@ -43,7 +43,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import hub
-from .training import freeze_all_but_gates, unfreeze_all
+from .training import freeze_all_but_gates, gate_parameter_names, unfreeze_all
 
 
 logger = logging.getLogger(__name__)
@@ -231,12 +231,11 @@ class PhaseRunner:
         built-in data) for the reported numbers."""
         return {prefix: self.evaluate(model, prefix, split=split) for split, prefix in FINAL_SPLITS}
 
-    def train_gates_then_jointly(
-        self, model, gate_length: dict, gate_learning_rate: float, joint_gate_training_mode: str | None = None
-    ) -> dict[str, dict]:
+    def train_gates_then_jointly(self, model, gate_length: dict, gate_learning_rate: float, joint=None) -> dict:
         """The gate-only phase (if `gate_length` runs) and the joint phase (with `--do_train` and a length); returns
-        the train metrics per phase name. Gates train at `gate_learning_rate` in both; an MSViT's joint phase in
-        `joint_gate_training_mode` when given (e.g. `straight_through`: the selected tokens only, a cheaper step)."""
+        the train metrics per phase name. Gates train at `gate_learning_rate`; `joint` (a `JointPhase`) may change
+        an MSViT's training mode and the gates' learning rate in the joint phase (0: the gates stay as they are)."""
+        joint = joint or JointPhase()
         phases = {}
         if runs(gate_length):
             trainable = freeze_all_but_gates(model)
@@ -247,9 +246,15 @@ class PhaseRunner:
                 unfreeze_all(model)
         args = self.training_args
         if args.do_train and runs({"num_train_epochs": args.num_train_epochs, "max_steps": args.max_steps}):
-            if joint_gate_training_mode is not None and model.config.model_type == "msvit":
-                model.config.gate_training_mode = joint_gate_training_mode
-            phases["joint"] = self.run("joint", model, gate_learning_rate=gate_learning_rate)
+            if joint.gate_training_mode is not None and model.config.model_type == "msvit":
+                model.config.gate_training_mode = joint.gate_training_mode
+            joint_lr = gate_learning_rate if joint.gate_learning_rate is None else joint.gate_learning_rate
+            for name in gate_parameter_names(model) if joint_lr == 0 else []:
+                model.get_parameter(name).requires_grad_(False)
+            try:
+                phases["joint"] = self.run("joint", model, gate_learning_rate=joint_lr or None)
+            finally:
+                unfreeze_all(model)
         return phases
 
     def save_results(self, model, results: dict[str, dict]) -> None:
@@ -261,6 +266,15 @@ class PhaseRunner:
             if metrics:
                 trainer.log_metrics(name, metrics)
                 trainer.save_metrics(name, metrics)
+
+
+@dataclasses.dataclass
+class JointPhase:
+    """What the joint phase changes: an MSViT's `gate_training_mode` (e.g. `straight_through`, the selected tokens
+    only: a cheaper step) and the gates' learning rate (None: the gate-only phase's; 0: frozen)."""
+
+    gate_training_mode: str | None = None
+    gate_learning_rate: float | None = None
 
 
 def last_phase_metrics(phases: dict[str, dict]) -> dict:
@@ -313,6 +327,7 @@ def parse_config_overrides(text: str | None) -> dict:
 
 __all__ = [
     "DONE_MARKER",
+    "JointPhase",
     "PHASES",
     "PhaseRunner",
     "check_world_size",

@@ -181,6 +181,26 @@ def test_upcycle_from_local_vit_checkpoint(script, tmp_path, recorded_phases):
     torch.testing.assert_close(gate_phase["msvit.embeddings.cls_token"], vit.vit.embeddings.cls_token.detach())
 
 
+def test_config_overrides_and_a_joint_phase_on_the_selected_tokens_with_frozen_gates(script, tmp_path):
+    """`--config_overrides` sets any other config field (an unknown name is refused before training); the joint phase
+    can train on the selected tokens only with the gates left as the gate-only phase made them."""
+    out = tmp_path / "run"
+    script.main(script_args(out, config_overrides="gbas_input=samples,gate_level_calibration=false",
+                            joint_gate_training_mode="straight_through", joint_gate_learning_rate=0))  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["gbas_input"] == "samples" and config["gate_level_calibration"] is False
+    assert config["gate_training_mode"] == "straight_through"
+    gate_phase = load_file(out / "phase-gate" / "final" / "model.safetensors")
+    joint_phase = load_file(out / "phase-joint" / "final" / "model.safetensors")
+    gate_keys = [key for key in gate_phase if ".gate." in key]
+    assert gate_keys and all(torch.equal(gate_phase[key], joint_phase[key]) for key in gate_keys)
+    assert not torch.equal(gate_phase["classifier.weight"], joint_phase["classifier.weight"])
+    with pytest.raises(ValueError, match="no field of the msvit config: \\['not_a_field'\\]"):
+        script.main(script_args(tmp_path / "bad", config_overrides="not_a_field=1"))
+    with pytest.raises(ValueError, match="field=value"):
+        script.main(script_args(tmp_path / "bad2", config_overrides="gbas_input"))
+
+
 def test_dit_fresh_and_from_local_pvt_v2(script, tmp_path):
     out = tmp_path / "dit"
     metrics = script.main(script_args(out, model_type="dit_routing", canvas_size=64, max_steps=2))
