@@ -45,8 +45,8 @@ ROOT = HERE.parent
 SCRIPT = ROOT / "examples" / "run_image_classification.py"
 VIT = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4", "--intermediate_size", "256"]
 SWEEPS = {
-    "vit16": [5e-4, 1e-3, 2e-3, 4e-3],
-    "vit32": [5e-4, 1e-3, 2e-3],
+    "vit16": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+    "vit32": [2.5e-4, 5e-4, 1e-3, 2e-3],
     "pvt_b0": [3e-4, 6e-4, 1.2e-3],
 }
 TARGETS, BUDGETS, SEEDS = [0.25, 0.5, 0.75], [0.6, 0.8], [0, 1, 2]
@@ -122,6 +122,12 @@ def msvit_jobs(runs: Path, vit16: Path, quick: bool) -> dict:
                 name = f"msvit_{recipe}t{target}_s{seed}"
                 jobs[name] = (runs / name, [*args, *extra, *length])
     return jobs
+
+
+def main_job_jobs(runs: Path, quick: bool) -> dict:
+    """The README's main job (a fresh ViT/16 trained, then upcycled, all at the example's defaults), per seed."""
+    length = ["--backbone_max_steps", "3", "--gate_only_max_steps", "3", "--max_steps", "3"] if quick else []
+    return {f"main_s{seed}": (runs / f"main_s{seed}", ["--seed", str(seed), *length]) for seed in SEEDS}
 
 
 def dit_jobs(runs: Path, pvt: Path, quick: bool) -> dict:
@@ -348,12 +354,12 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
     for name, run_dir in runs.items():
         model, processor = load(run_dir)
         pixels, labels, static = splits["test"].pixels(processor), splits["test"].labels, model.static_macs() / 1e9
-        thresholds = MSVIT_THRESHOLDS if name.startswith("msvit") else DIT_THRESHOLDS
+        thresholds = DIT_THRESHOLDS if name.startswith(("sparse", "paper")) else MSVIT_THRESHOLDS
         sweep = {t: evaluate(model, pixels, labels, static, gate_threshold=t) for t in thresholds}
         validation = evaluate(model, splits["validation"].pixels(processor), splits["validation"].labels, static)
         results[name] = {"eval": sweep[0.5], "sweep": sweep, "validation_accuracy": validation["accuracy"],
                          **train_ratios(run_dir)}  # fmt: skip
-        if name.startswith("msvit"):
+        if not name.startswith(("sparse", "paper")):
             results[name].update(level_diagnostics(model, processor, splits))
         print(name, json.dumps(results[name]["eval"]), flush=True)
     return results
@@ -362,6 +368,7 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
 GROUPS = {  # summary row: (family, name prefix, label, target label)
     **{("msvit", f"msvit_t{t}_"): (f"MSViT target {t} (example defaults)", f"fine {t}") for t in TARGETS},
     ("msvit", "msvit_paper_t0.5_"): ("MSViT target 0.5, the paper's recipe", "fine 0.5"),
+    ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
     **{("dit", f"sparse_b{b}_"): (f"DiT-b0 budget {b}", f"compute {b}") for b in BUDGETS},
     ("dit", "paper_b0.8_"): ("DiT-b0 budget 0.8, the paper's recipe", "compute 0.8"),
 }
@@ -378,7 +385,7 @@ def summarize(dynamic: dict) -> list[dict]:
         runs = [r for n, r in dynamic.items() if n.startswith(prefix)]
         if not runs:
             continue
-        target = float(prefix.rstrip("_").split("_")[-1][1:])
+        target = 0.25 if prefix == "main_" else float(prefix.rstrip("_").split("_")[-1][1:])
         row = {"family": family, "target": target, "seeds": len(runs), "label": label, "target_label": target_label}
         for key, values in [(k, [r["eval"][k] for r in runs]) for k in SPREAD_KEYS] + [
             (k, [r[k] for r in runs if r.get(k) is not None]) for k in LEVEL_KEYS
@@ -418,8 +425,10 @@ def main():
     baselines, fair_dirs = fair_baselines(runs_dir, best_dirs, splits, args.quick)
     vit16 = best_dirs["vit16"] / "phase-backbone" / "final"
     pvt = best_dirs["pvt_b0"] / "phase-backbone" / "final"
-    dynamic_runs = run_all({**msvit_jobs(runs_dir, vit16, args.quick), **dit_jobs(runs_dir, pvt, args.quick)})
+    dynamic_jobs = {**msvit_jobs(runs_dir, vit16, args.quick), **main_job_jobs(runs_dir, args.quick)}
+    dynamic_runs = run_all({**dynamic_jobs, **dit_jobs(runs_dir, pvt, args.quick)})
     dynamic = evaluate_dynamic(dynamic_runs, splits)
+    baselines.append(main_job_backbones(dynamic_runs, splits))
     seconds = [json.loads((p / "study_done.json").read_text())["seconds"]
                for p in [*static_runs.values(), *fair_dirs, *dynamic_runs.values()]]  # fmt: skip
     payload = {
@@ -439,6 +448,18 @@ def main():
     plot(payload, out / "accuracy_vs_gmacs.png")
     pictures(dynamic_runs, splits["test"], out)
     print((out / "results.md").read_text())
+
+
+def main_job_backbones(dynamic_runs: dict, splits: dict) -> dict:
+    """The static ViTs the main job trains in its phase 0 (one per seed), on test: a baseline row (mean over seeds)."""
+    main = {name: path for name, path in dynamic_runs.items() if name.startswith("main_")}
+    results = evaluate_static({name: path / "phase-backbone" / "final" for name, path in main.items()}, splits)
+    label = "The main job's own ViT/16 (phase 0), mean over seeds"
+    row = {"name": "main_backbones", "label": label, "family": "msvit"}
+    for key in ("accuracy", "accuracy_se", "gmacs", "validation_accuracy"):
+        row[key] = float(np.mean([result[key] for result in results.values()]))
+    row["accuracy_min"], row["accuracy_max"] = (f([r["accuracy"] for r in results.values()]) for f in (min, max))
+    return {**row, "macs_fraction": 1.0, "seeds": len(results)}
 
 
 def fair_baselines(runs_dir: Path, best_dirs: dict, splits: dict, quick: bool) -> tuple[list[dict], list[Path]]:

@@ -116,6 +116,12 @@ class ModelArguments:
     gbas_hyperprior_std: float | None = field(default=None, metadata={"help": "MSViT: spread around the target."})
     gate_hidden_size: int | None = field(default=None, metadata={"help": "MSViT: width of the gate MLP."})
     gate_input: str | None = field(default=None, metadata={"help": "MSViT: gate on `pixels` or coarse `embeddings`."})
+    gate_noise_scale: float | None = field(
+        default=None, metadata={"help": "MSViT: noise of the training decisions (0: inference's decisions)."}
+    )
+    gate_level_loss_weight: float | None = field(
+        default=None, metadata={"help": "MSViT: weight of the level term (the gate's own level at the target)."}
+    )
     reinit_gates: bool = field(
         default=False,
         metadata={"help": "MSViT checkpoint: a new gate (e.g. to upcycle a --backbone_only run at another target)."},
@@ -255,9 +261,11 @@ def hub_id2label(dataset_name: str, model_args: ModelArguments) -> dict[int, str
 # embeddings sends the GBaS gradient into the patch embedding, which on the built-in data cut the upcycled ViT/8's
 # all-fine mean IoU from 0.41 to 0.25 in 3 epochs (0.38 with pixel gates, which also put twice as many stroke pixels
 # in fine regions). With an MSViT / DiT checkpoint only the values given apply.
+# MSViT's gate trains at the operating point of inference here too (noise-free decisions, the level term), as
+# `from_vit_pretrained` upcycles by default.
 GATE_DEFAULTS = {
     "gbas_target_ratio": 0.3, "gbas_loss_weight": 5.0, "gbas_hyperprior_std": 0.05, "gate_hidden_size": 64,
-    "gate_input": "pixels",
+    "gate_input": "pixels", "gate_noise_scale": 0.0, "gate_level_loss_weight": 1.0,
 }  # fmt: skip
 BUDGET_DEFAULTS = {"budget_target": 0.7, "budget_loss_weight": 10.0}
 

@@ -15,6 +15,10 @@
 
 MSViT keeps ViT's parameter names, so the conversion is a prefix rename (`vit.` -> `msvit.`). Only the gate and the
 learned GBaS priors are new; with every region forced fine, the converted model computes exactly the ViT.
+
+Unless told otherwise (`UPCYCLING_DEFAULTS`), an upcycled gate trains at the operating point of inference: noise-free
+decisions (`gate_noise_scale=0`, the tokenization inference computes) and the level term holding its own level at the
+target (`gate_level_loss_weight=1`), so the calibration offset stays small (docs/msvit.md; the study's level table).
 """
 
 from transformers import AutoConfig, PreTrainedModel, ViTConfig, ViTForImageClassification, ViTModel
@@ -42,6 +46,7 @@ SHARED_FIELDS = (
     "id2label",
     "label2id",
 )
+UPCYCLING_DEFAULTS = {"gate_noise_scale": 0.0, "gate_level_loss_weight": 1.0}
 # Parameters MSViT adds to a ViT: they are initialized, not converted.
 NEW_PARAMETER_PREFIXES = ("embeddings.gate.", "batch_shaping.")
 
@@ -57,7 +62,7 @@ def msvit_config_from_vit_config(vit_config: ViTConfig, **overrides) -> MSViTCon
     values["patch_size"] = patch_size
     values["id2label"] = {int(k): v for k, v in vit_config.id2label.items()}
     values["label2id"] = dict(vit_config.label2id)
-    values.update(overrides)
+    values.update({**UPCYCLING_DEFAULTS, **overrides})
     return MSViTConfig(**values)
 
 
