@@ -15,7 +15,8 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
 3. MSViT upcycled from the best ViT/16 with the example's defaults and nothing but the target
    (`--model_name_or_path <vit16> --gbas_target_ratio t`, the path users take) at targets 0.25, 0.5 and 0.75, 3 seeds
    each; and the paper's recipe (GBaS on the sampled decisions, learned prior temperatures with the notebook's L1, no
-   calibration, no level term) at 0.5, 3 seeds. Every model also evaluated with `gate_threshold` swept, with its
+   calibration, no level term) at 0.5, 3 seeds; and the cheaper joint phase (the selected tokens only, gates frozen)
+   at 0.5, 3 seeds. Every model also evaluated with `gate_threshold` swept, with its
    level calibration switched off, and on two other distributions (blank canvases; scikit-learn's two photographs
    cut into 96 px tiles).
 4. DiT-b0 upcycled from PVTv2-b0 with the package's recipe at budgets 0.6 and 0.8 (3 seeds each), its row-gate
@@ -55,7 +56,8 @@ MSVIT_RECIPES = {
     "paper_": ["--config_overrides", "gbas_input=samples,gbas_learn_prior_temperature=true,gbas_prior_temperature=0.5,"
                "gbas_temperature_l1_weight=0.1,gate_level_calibration=false,gate_noise_scale=1,gate_level_loss_weight=0"],
 }  # fmt: skip
-MSVIT_RECIPE_TARGETS = {"": TARGETS, "paper_": [0.5]}
+MSVIT_RECIPES["selected_"] = ["--joint_gate_training_mode", "straight_through", "--joint_gate_learning_rate", "0"]
+MSVIT_RECIPE_TARGETS = {"": TARGETS, "paper_": [0.5], "selected_": [0.5]}
 MSVIT_PHASE_EPOCHS = 2 + 10  # the example's gate-only and joint epochs, for the fair baselines
 DIT_STEPS = {"sparse": 90 + 180}  # gate-only and joint steps of dit_study.py's recipe
 JOINT_LEARNING_RATE = 5e-4  # the example's default joint-phase learning rate
@@ -368,6 +370,7 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
 GROUPS = {  # summary row: (family, name prefix, label, target label)
     **{("msvit", f"msvit_t{t}_"): (f"MSViT target {t} (example defaults)", f"fine {t}") for t in TARGETS},
     ("msvit", "msvit_paper_t0.5_"): ("MSViT target 0.5, the paper's recipe", "fine 0.5"),
+    ("msvit", "msvit_selected_t0.5_"): ("MSViT target 0.5, joint phase: selected tokens, gates frozen", "fine 0.5"),
     ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
     **{("dit", f"sparse_b{b}_"): (f"DiT-b0 budget {b}", f"compute {b}") for b in BUDGETS},
     ("dit", "paper_b0.8_"): ("DiT-b0 budget 0.8, the paper's recipe", "compute 0.8"),
