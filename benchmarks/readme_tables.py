@@ -199,6 +199,28 @@ def render_msvit_level(payload: dict | None = None) -> list[str]:
     return [caption, "", *table(header, rows)]
 
 
+def render_msvit_training_step() -> list[str]:
+    """MSViT-S's training step against ViT-S's per mode (bench_training.py), and the study's accuracy of the default
+    joint phase against the cheaper one (selected tokens, gates frozen) at target 0.5."""
+    from make_results_table import TRAINING_NAMES
+
+    payload = load("results/training_cpu.json")
+    rows = [row for row in payload["rows"] if row["variant"] == "vit_s"]
+    header = ["MSViT-S training mode", "image px", "batch", "s / step", "step vs ViT-S"]
+    cells = [[TRAINING_NAMES.get(row["model"], row["model"]), str(row["image_size"]), str(row["batch_size"]),
+              f"{row['step_s']:.3f}", f"{row['step_ratio_vs_baseline']:.2f}"] for row in rows]  # fmt: skip
+    study = load("study/results.json")
+    chosen = [row for row in study["summary"] if row.get("label", "").startswith("MSViT target 0.5")]
+    accuracy = [[row["label"], span(row, "accuracy"), span(row, "token_ratio")] for row in chosen]
+    machine = payload["machine"]
+    line = (
+        f"{machine.get('cpu') or machine['processor']}, {machine['cpu_count']} cores, torch {machine['torch']}, "
+        f"float32, {payload['threads']} threads" + (" — quick smoke run." if payload.get("quick") else ".")
+    )
+    return [line, "", *table(header, cells), "", split_line(study), "",
+            *table(["MSViT (study)", "accuracy", "fine ratio"], accuracy)]  # fmt: skip
+
+
 # ---------------------------------------------------------------- DiT recipes and knobs (dit_study.py)
 
 RECIPE_NAMES = {
@@ -231,7 +253,15 @@ def render_dit_recipes() -> list[str]:
          number(row.get("train_macs_fraction"), 3), number(row.get("train_minutes"), 1)]
         for row in summary
     ]  # fmt: skip
-    caption = f"{split_line(payload)[:-1]}; PVTv2-b0 (static): {pvt['accuracy']:.3f} ± {pvt['accuracy_se']:.3f}."
+    caption = f"{split_line(payload)[:-1]}; PVTv2-b0 (static): {pvt['accuracy']:.3f} ± {pvt['accuracy_se']:.3f}"
+    fair = payload.get("pvt_b0_fair", {})
+    caption += (
+        "".join(
+            f"; + {row['steps']} steps (as long as `{recipe}`): {row['accuracy']:.3f} ± {row['accuracy_se']:.3f}"
+            for recipe, row in fair.items()
+        )
+        + "."
+    )
     return [caption, "", *table(header, rows)]
 
 
@@ -541,6 +571,8 @@ def unbacked_numbers(text: str, sources: set[str]) -> list[str]:
 
 RENDERERS = {
     "study": render_study,
+    "msvit-level": render_msvit_level,
+    "msvit-training-step": render_msvit_training_step,
     "study-thresholds": render_study_thresholds,
     "msvit-seeds": render_msvit_seeds,
     "dit-recipes": render_dit_recipes,

@@ -46,8 +46,8 @@ ROOT = HERE.parent
 SCRIPT = ROOT / "examples" / "run_image_classification.py"
 VIT = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4", "--intermediate_size", "256"]
 SWEEPS = {
-    "vit16": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
-    "vit32": [2.5e-4, 5e-4, 1e-3, 2e-3],
+    "vit16": [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+    "vit32": [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3],
     "pvt_b0": [3e-4, 6e-4, 1.2e-3],
 }
 TARGETS, BUDGETS, SEEDS = [0.25, 0.5, 0.75], [0.6, 0.8], [0, 1, 2]
