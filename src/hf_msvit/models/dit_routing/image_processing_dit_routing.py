@@ -13,20 +13,9 @@
 # limitations under the License.
 """Image processor class for DiT (PIL backend: works without torchvision), with segmentation maps."""
 
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-from transformers.models.segformer.image_processing_pil_segformer import (
-    SegformerImageProcessorKwargs,
-    SegformerImageProcessorPil,
-)
+from transformers.image_utils import PILImageResampling
+from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 from transformers.utils import auto_docstring
-
-
-class DiTImageProcessorKwargs(SegformerImageProcessorKwargs, total=False):
-    r"""
-    do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
-        Whether to reduce every label of the segmentation maps by 1 (0, the background, becomes 255: ignored by the
-        loss). For datasets whose label 0 means "no class", e.g. ADE20k.
-    """
 
 
 @auto_docstring
@@ -41,17 +30,9 @@ class DiTImageProcessor(SegformerImageProcessorPil):
     one (`do_reduce_labels`); `post_process_semantic_segmentation` turns logits into class maps at any size.
     """
 
-    valid_kwargs = DiTImageProcessorKwargs
     resample = PILImageResampling.BICUBIC
-    image_mean = IMAGENET_DEFAULT_MEAN
-    image_std = IMAGENET_DEFAULT_STD
     size = {"height": 224, "width": 224}
-    default_to_square = True
-    do_resize = True
-    do_rescale = True
-    do_normalize = True
     do_convert_rgb = True
-    do_reduce_labels = False
 
 
 DiTImageProcessor.register_for_auto_class("AutoImageProcessor")
