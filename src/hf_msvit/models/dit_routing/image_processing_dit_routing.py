@@ -14,8 +14,15 @@
 """Image processor class for DiT (PIL backend: works without torchvision), with segmentation maps."""
 
 from transformers.image_utils import PILImageResampling
-from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
+from transformers.models.segformer.image_processing_pil_segformer import (
+    SegformerImageProcessorKwargs,
+    SegformerImageProcessorPil,
+)
 from transformers.utils import auto_docstring
+
+
+# Segformer's kwargs (`do_reduce_labels`), under the `<processor>Kwargs` name transformers looks up.
+DiTImageProcessorKwargs = SegformerImageProcessorKwargs
 
 
 @auto_docstring
@@ -30,6 +37,7 @@ class DiTImageProcessor(SegformerImageProcessorPil):
     one (`do_reduce_labels`); `post_process_semantic_segmentation` turns logits into class maps at any size.
     """
 
+    valid_kwargs = DiTImageProcessorKwargs
     resample = PILImageResampling.BICUBIC
     size = {"height": 224, "width": 224}
     do_convert_rgb = True

@@ -14,8 +14,15 @@
 """Image processor class for MSViT (PIL backend: works without torchvision), with segmentation maps."""
 
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
-from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
+from transformers.models.segformer.image_processing_pil_segformer import (
+    SegformerImageProcessorKwargs,
+    SegformerImageProcessorPil,
+)
 from transformers.utils import auto_docstring
+
+
+# Segformer's kwargs (`do_reduce_labels`), under the `<processor>Kwargs` name transformers looks up.
+MSViTImageProcessorKwargs = SegformerImageProcessorKwargs
 
 
 @auto_docstring
@@ -29,6 +36,7 @@ class MSViTImageProcessor(SegformerImageProcessorPil):
     one (`do_reduce_labels`); `post_process_semantic_segmentation` turns logits into class maps at any size.
     """
 
+    valid_kwargs = MSViTImageProcessorKwargs
     image_mean = IMAGENET_STANDARD_MEAN
     image_std = IMAGENET_STANDARD_STD
     size = {"height": 224, "width": 224}
