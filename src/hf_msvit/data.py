@@ -29,6 +29,7 @@ Generation is deterministic: the same arguments give the same images, labels and
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,12 +162,15 @@ def _split_indices(num_digits: int, validation_fraction: float, test_fraction: f
     return {name: np.sort(indices) for name, indices in splits.items() if len(indices)}
 
 
-def _render_splits(canvas_size, digit_size, copies, fractions, noise_std, seed, position_step, background):
+def _render_splits(
+    canvas_size, digit_size, copies, validation_fraction, test_fraction, noise_std, seed, position_step, background
+):
     """Per split: `(indices, rendered images, labels, positions, masks)`, split by source digit."""
     images, labels = _load_sklearn_digits()
     style = CanvasStyle(background=background, noise_std=noise_std)
     rendered = {}
-    for split_number, (split, indices) in enumerate(_split_indices(len(labels), *fractions, seed).items()):
+    splits = _split_indices(len(labels), validation_fraction, test_fraction, seed)
+    for split_number, (split, indices) in enumerate(splits.items()):
         rendered[split] = (np.tile(indices, copies), *render_digits_on_canvas(
             images[indices], labels[indices], canvas_size=canvas_size, digit_size=digit_size, copies=copies,
             seed=seed * 1000 + split_number + 1, position_step=position_step, style=style,
@@ -215,35 +219,37 @@ def load_digits_on_canvas(
             "source_index": datasets.Value("int32"),
         }
     )
-    splits = {}
     rendered = _render_splits(
-        canvas_size,
-        digit_size,
-        copies,
-        (validation_fraction, test_fraction),
-        noise_std,
-        seed,
-        position_step,
-        background,
+        canvas_size, digit_size, copies, validation_fraction, test_fraction, noise_std, seed, position_step, background
     )
-    for split, (sources, images, labels, positions, _) in rendered.items():
-        columns = {"image": images, "label": labels, "source_index": sources.tolist()}
-        columns.update({name: [p[i] for p in positions] for i, name in enumerate(("top", "left", "digit_size"))})
-        splits[split] = datasets.Dataset.from_dict(columns, features=features)
+    return _dataset_dict(rendered, features, _classification_columns)
+
+
+def _classification_columns(sources, images, labels, positions, masks) -> dict:
+    columns = {"image": images, "label": labels, "source_index": sources.tolist()}
+    columns.update({name: [p[i] for p in positions] for i, name in enumerate(("top", "left", "digit_size"))})
+    return columns
+
+
+def _segmentation_columns(sources, images, labels, positions, masks) -> dict:
+    from PIL import Image
+
+    maps = [Image.fromarray((mask * (1 + label)).astype(np.uint8), mode="L") for mask, label in zip(masks, labels)]
+    return {"image": images, "label": maps, "digit": labels, "source_index": sources.tolist()}
+
+
+def _dataset_dict(rendered: dict, features, columns_of_split):
+    """A `datasets.DatasetDict` of the `_render_splits` output, each split's columns made by `columns_of_split`."""
+    import datasets
+
+    splits = {
+        split: datasets.Dataset.from_dict(columns_of_split(*rendered_split), features=features)
+        for split, rendered_split in rendered.items()
+    }
     return datasets.DatasetDict(splits)
 
 
-def load_digits_on_canvas_segmentation(
-    canvas_size: int = 96,
-    digit_size: int | tuple[int, int] = (24, 32),
-    copies: int = 2,
-    validation_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    noise_std: float = 0.03,
-    seed: int = 0,
-    position_step: int = 16,
-    background: str = "photo",
-):
+def load_digits_on_canvas_segmentation(*args, **kwargs):
     """The built-in semantic-segmentation dataset: the canvases of `load_digits_on_canvas` (same arguments, same
     images) with a per-pixel label map: 0 for background, `1 + digit` on the digit's stroke pixels.
 
@@ -252,7 +258,6 @@ def load_digits_on_canvas_segmentation(
     Class names are `SEGMENTATION_LABELS`. Split by source digit, as the classification data.
     """
     import datasets
-    from PIL import Image
 
     features = datasets.Features(
         {
@@ -262,23 +267,13 @@ def load_digits_on_canvas_segmentation(
             "source_index": datasets.Value("int32"),
         }
     )
-    splits = {}
-    rendered = _render_splits(
-        canvas_size,
-        digit_size,
-        copies,
-        (validation_fraction, test_fraction),
-        noise_std,
-        seed,
-        position_step,
-        background,
-    )
-    for split, (sources, images, labels, _, masks) in rendered.items():
-        maps = [Image.fromarray((mask * (1 + label)).astype(np.uint8), mode="L") for mask, label in zip(masks, labels)]
-        columns = {"image": images, "label": maps, "digit": labels, "source_index": sources.tolist()}
-        splits[split] = datasets.Dataset.from_dict(columns, features=features)
-    return datasets.DatasetDict(splits)
+    canvas_args = inspect.signature(load_digits_on_canvas).bind(*args, **kwargs)
+    canvas_args.apply_defaults()
+    return _dataset_dict(_render_splits(**canvas_args.arguments), features, _segmentation_columns)
 
+
+# The same arguments as `load_digits_on_canvas`, also for `help()` and `inspect`.
+load_digits_on_canvas_segmentation.__signature__ = inspect.signature(load_digits_on_canvas)
 
 SEGMENTATION_LABELS = ["background"] + [f"digit {name}" for name in DIGIT_NAMES]
 

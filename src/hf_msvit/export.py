@@ -17,12 +17,14 @@ that exports.
 onnx, onnxscript and onnxruntime (the `export` extra) are imported only by the functions that need them.
 """
 
+import inspect
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -238,9 +240,26 @@ def export_program(
         image_size: DiT: the image size the graph takes (default the config's); MSViT's is fixed by its config.
         dynamic_batch: keep the batch dimension symbolic (default) or bake `batch_size` in.
     """
+    traced = _load_and_trace(
+        model_or_path, fine_region_budget, compute_budget, static, batch_size, image_size, dynamic_batch
+    )
+    return traced.program
+
+
+class _Traced(NamedTuple):
+    model: nn.Module
+    mode: ExportMode
+    program: torch.export.ExportedProgram
+    sample: torch.Tensor
+
+
+def _load_and_trace(
+    model_or_path, fine_region_budget, compute_budget, static, batch_size, image_size, dynamic_batch
+) -> _Traced:
+    """What `export_program` does, with the model, mode and example input it traced (`export_onnx` checks those)."""
     model = load_model(model_or_path)
     mode = resolve_export_mode(model, fine_region_budget, compute_budget, static, image_size)
-    return _trace(model, mode, batch_size, dynamic_batch)[0]
+    return _Traced(model, mode, *_trace(model, mode, batch_size, dynamic_batch))
 
 
 def onnxruntime_session(path, num_threads: int | None = None):
@@ -301,25 +320,23 @@ def _save_atomically(onnx_program, path: Path, verify) -> float | None:
 def export_onnx(
     model_or_path,
     output_path,
-    fine_region_budget: int | float | None = None,
-    compute_budget: float | None = None,
-    static: bool = False,
-    batch_size: int = 2,
-    image_size: int | tuple[int, int] | None = None,
-    dynamic_batch: bool = True,
+    *,
     opset_version: int | None = None,
     image_processor=None,
     check: bool = True,
     atol: float = 1e-4,
+    **export_args,
 ) -> OnnxExport:
     """Exports `pixel_values -> logits` to the ONNX file `output_path` (`torch.onnx.export(..., dynamo=True)` of the
-    `export_program` graph, input `pixel_values`, one output named like the model output). The arguments up to
-    `dynamic_batch` are `export_program`'s. `image_processor`: its preprocessing is recorded in the metadata (loaded
+    `export_program` graph, input `pixel_values`, one output named like the model output). `export_args` are
+    `export_program`'s arguments (`fine_region_budget`, `compute_budget`, `static`, `batch_size`, `image_size`,
+    `dynamic_batch`), with its defaults. `image_processor`: its preprocessing is recorded in the metadata (loaded
     from the checkpoint when `model_or_path` is a path and it has one). `check`: run the file in onnxruntime and
     compare with PyTorch (`atol`) before it replaces `output_path`."""
-    model = load_model(model_or_path)
-    mode = resolve_export_mode(model, fine_region_budget, compute_budget, static, image_size)
-    program, sample = _trace(model, mode, batch_size, dynamic_batch)
+    bound = inspect.signature(export_program).bind(model_or_path, **export_args)
+    bound.apply_defaults()
+    model, mode, program, sample = _load_and_trace(**bound.arguments)
+    batch_size, dynamic_batch = bound.arguments["batch_size"], bound.arguments["dynamic_batch"]
     onnx_program = torch.onnx.export(
         program, (sample,), dynamo=True, input_names=["pixel_values"], output_names=[mode.output_name],
         opset_version=opset_version, verbose=False,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -90,12 +91,18 @@ def _with_caption(image: Image.Image, caption: str) -> Image.Image:
     return out
 
 
-def visualize_msvit(model, image, image_processor=None, gate_threshold=None, scale=None) -> Image.Image:
+def _run_and_draw(model, image, image_processor, gate_threshold, scale, draw) -> Image.Image:
+    """Runs `model` on `image` (no gradients) and returns `draw(image, pixel_values, outputs, scale=scale)`."""
     image = _load_image(image)
     pixel_values = _pixel_values(model, image, image_processor)
     with torch.no_grad():
         outputs = model(pixel_values, gate_threshold=gate_threshold)
-    return msvit_picture(model.config, image, pixel_values, outputs, scale=scale)
+    return draw(image, pixel_values, outputs, scale=scale)
+
+
+def visualize_msvit(model, image, image_processor=None, gate_threshold=None, scale=None) -> Image.Image:
+    draw = partial(msvit_picture, model.config)
+    return _run_and_draw(model, image, image_processor, gate_threshold, scale, draw)
 
 
 def msvit_picture(config, image: Image.Image, pixel_values, outputs, scale=None, index: int = 0) -> Image.Image:
@@ -158,11 +165,7 @@ def draw_dit_routing(stage_keep_ratio: torch.Tensor, downsampled: torch.Tensor, 
 
 
 def visualize_dit(model, image, image_processor=None, gate_threshold=None, scale=None) -> Image.Image:
-    image = _load_image(image)
-    pixel_values = _pixel_values(model, image, image_processor)
-    with torch.no_grad():
-        outputs = model(pixel_values, gate_threshold=gate_threshold)
-    return dit_picture(image, pixel_values, outputs, scale=scale)
+    return _run_and_draw(model, image, image_processor, gate_threshold, scale, dit_picture)
 
 
 def dit_picture(image: Image.Image, pixel_values, outputs, scale=None, index: int = 0) -> Image.Image:

@@ -13,7 +13,7 @@
 # limitations under the License.
 """Image processor class for DiT (PIL backend: works without torchvision), with segmentation maps."""
 
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import PILImageResampling
 from transformers.models.segformer.image_processing_pil_segformer import (
     SegformerImageProcessorKwargs,
     SegformerImageProcessorPil,
@@ -21,12 +21,8 @@ from transformers.models.segformer.image_processing_pil_segformer import (
 from transformers.utils import auto_docstring
 
 
-class DiTImageProcessorKwargs(SegformerImageProcessorKwargs, total=False):
-    r"""
-    do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
-        Whether to reduce every label of the segmentation maps by 1 (0, the background, becomes 255: ignored by the
-        loss). For datasets whose label 0 means "no class", e.g. ADE20k.
-    """
+# Segformer's kwargs (`do_reduce_labels`), under the `<processor>Kwargs` name transformers looks up.
+DiTImageProcessorKwargs = SegformerImageProcessorKwargs
 
 
 @auto_docstring
@@ -43,15 +39,8 @@ class DiTImageProcessor(SegformerImageProcessorPil):
 
     valid_kwargs = DiTImageProcessorKwargs
     resample = PILImageResampling.BICUBIC
-    image_mean = IMAGENET_DEFAULT_MEAN
-    image_std = IMAGENET_DEFAULT_STD
     size = {"height": 224, "width": 224}
-    default_to_square = True
-    do_resize = True
-    do_rescale = True
-    do_normalize = True
     do_convert_rgb = True
-    do_reduce_labels = False
 
 
 DiTImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -381,6 +381,19 @@ class DiTPreTrainedModel(PreTrainedModel):
         self.config.compute_budget_profile = profile
         return profile
 
+    @staticmethod
+    def _routing_outputs(outputs: DiTModelOutput, macs: torch.Tensor) -> dict:
+        """The fields a head passes through from the base model's `outputs` (`DiTRoutingOutput`, hidden states), with
+        `macs` the head's total."""
+        return {
+            "hidden_states": outputs.hidden_states,
+            "budget_loss": outputs.budget_loss,
+            "macs": macs,
+            "downsampled": outputs.downsampled,
+            "stage_keep_ratio": outputs.stage_keep_ratio,
+            "token_keep_ratio": outputs.token_keep_ratio,
+        }
+
 
 # The routing arguments of every DiT forward (`auto_docstring` reads them from here).
 DIT_ROUTING_ARGS = r"""
@@ -571,16 +584,7 @@ class DiTForImageClassification(DiTPreTrainedModel):
             if outputs.budget_loss is not None:
                 loss = loss + self.config.budget_loss_weight * outputs.budget_loss
 
-        return DiTImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            budget_loss=outputs.budget_loss,
-            macs=macs,
-            downsampled=outputs.downsampled,
-            stage_keep_ratio=outputs.stage_keep_ratio,
-            token_keep_ratio=outputs.token_keep_ratio,
-        )
+        return DiTImageClassifierOutput(loss=loss, logits=logits, **self._routing_outputs(outputs, macs))
 
     def static_macs(self) -> int:
         """MACs per image of the static (PVTv2) route, classifier included."""
@@ -636,15 +640,7 @@ class DiTBackbone(BackboneMixin, DiTModel):
         feature_maps = tuple(
             outputs.hidden_states[idx] for idx, stage in enumerate(self.stage_names) if stage in self.out_features
         )
-        return DiTBackboneOutput(
-            feature_maps=feature_maps,
-            hidden_states=outputs.hidden_states,
-            budget_loss=outputs.budget_loss,
-            macs=outputs.macs,
-            downsampled=outputs.downsampled,
-            stage_keep_ratio=outputs.stage_keep_ratio,
-            token_keep_ratio=outputs.token_keep_ratio,
-        )
+        return DiTBackboneOutput(feature_maps=feature_maps, **self._routing_outputs(outputs, outputs.macs))
 
 
 # `save_pretrained` copies the code next to the weights (remote code); the config's AUTO_MAP names the classes.
