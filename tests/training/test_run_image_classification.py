@@ -175,7 +175,8 @@ def test_upcycle_from_local_vit_checkpoint(script, tmp_path, recorded_phases):
     assert config["gbas_target_ratio"] == 0.4 and config["gbas_gather_across_processes"] is True
     assert len(config["id2label"]) == 10
     assert "eval_gmacs" in metrics
-    assert recorded_phases["gate"]["learning_rate"] == script.CHECKPOINT_GATE_LEARNING_RATE
+    # the gate is new: the model type's gate lr, as for a fresh run (not the gentler lr of a continued checkpoint)
+    assert recorded_phases["gate"]["learning_rate"] == script.FRESH_MODEL_DEFAULTS["msvit"].gate_learning_rate
     # the backbone weights came from the ViT (the gate phase does not touch them)
     gate_phase = load_file(out / "phase-gate" / "final" / "model.safetensors")
     torch.testing.assert_close(gate_phase["msvit.embeddings.cls_token"], vit.vit.embeddings.cls_token.detach())
