@@ -1,7 +1,8 @@
 """Training-step benchmark: what a step (forward, backward, AdamW) of a dynamic model costs against the static model it
 was upcycled from, same weights, same run, timed interleaved (median over rounds).
 
-    python benchmarks/bench_training.py            # writes benchmarks/results/training_<device>.json
+    python benchmarks/bench_training.py --families dit     # writes benchmarks/results/training_cpu.json
+    python benchmarks/bench_training.py --families msvit   # writes benchmarks/results/training_msvit_cpu.json
     python benchmarks/make_results_table.py        # renders it into benchmarks/RESULTS.md
     python benchmarks/bench_training.py --quick    # a smoke run (few rounds, not for quoting)
 
@@ -109,7 +110,7 @@ def time_group(variant, image_size, batch_size, rounds, threads) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["dit", "msvit"], choices=["dit", "msvit"])
+    parser.add_argument("--families", nargs="+", default=["dit"], choices=["dit", "msvit"])
     parser.add_argument("--variants", nargs="+", default=["b0", "b1"])
     parser.add_argument("--msvit-groups", nargs="+", default=["96:32", "224:16"], help="image_size:batch_size")
     parser.add_argument("--image-size", type=int, default=96)
@@ -128,7 +129,8 @@ def main():
         rows += time_group("vit_s", image_size, batch_size, rounds, args.threads)
     payload = {"machine": machine_description(torch.device("cpu")), "quick": args.quick, "threads": args.threads}
     payload["rows"] = rows
-    write_results(Path(args.output) if args.output else RESULTS / "training_cpu.json", payload)
+    name = "training_cpu.json" if args.families == ["dit"] else f"training_{'_'.join(args.families)}_cpu.json"
+    write_results(Path(args.output) if args.output else RESULTS / name, payload)
 
 
 if __name__ == "__main__":

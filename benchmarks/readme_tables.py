@@ -204,7 +204,7 @@ def render_msvit_training_step() -> list[str]:
     joint phase against the cheaper one (selected tokens, gates frozen) at target 0.5."""
     from make_results_table import TRAINING_NAMES
 
-    payload = load("results/training_cpu.json")
+    payload = load("results/training_msvit_cpu.json")
     rows = [row for row in payload["rows"] if row["variant"] == "vit_s"]
     header = ["MSViT-S training mode", "image px", "batch", "s / step", "step vs ViT-S"]
     cells = [[TRAINING_NAMES.get(row["model"], row["model"]), str(row["image_size"]), str(row["batch_size"]),
