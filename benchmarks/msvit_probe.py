@@ -9,9 +9,8 @@ upcycling). Accuracy on validation (where the choice was made) and test, with th
 """
 
 import json
-from pathlib import Path
 
-from study import HERE, run, run_all, write_atomic
+from study import HERE, run_all, write_atomic
 
 
 OUT = HERE / "msvit_probe"
@@ -20,7 +19,8 @@ GATE_LEARNING_RATES = ["1e-3", "1e-2"]
 
 
 def jobs() -> dict:
-    base = ["--model_name_or_path", str(VIT16), "--gbas_target_ratio", "0.25", "--seed", "0", "--num_train_epochs", "0"]
+    base = ["--model_name_or_path", str(VIT16), "--gbas_target_ratio", "0.25", "--seed", "0"]
+    base += ["--num_train_epochs", "0"]
     return {f"gate_only_lr{lr}": (OUT / "runs" / f"gate_only_lr{lr}", [*base, "--gate_learning_rate", lr])
             for lr in GATE_LEARNING_RATES}  # fmt: skip
 
@@ -35,8 +35,6 @@ def main():
     write_atomic(OUT / "results.json", json.dumps({"vit16": str(VIT16.relative_to(HERE)), "runs": results}, indent=1))
     print(json.dumps(results, indent=1))
 
-
-assert run  # the study's runner (one process per run, resumable)
 
 if __name__ == "__main__":
     main()
