@@ -369,6 +369,11 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
     beside it); MSViT runs with their level diagnostics."""
     results = {}
     for name, run_dir in runs.items():
+        cache = run_dir / "study_eval.json"  # an evaluation of this run's final model (resuming the study)
+        if cache.exists() and cache.stat().st_mtime > (run_dir / "study_done.json").stat().st_mtime:
+            cached = json.loads(cache.read_text())
+            results[name] = {**cached, "sweep": {float(t): point for t, point in cached["sweep"].items()}}
+            continue
         model, processor = load(run_dir)
         pixels, labels, static = splits["test"].pixels(processor), splits["test"].labels, model.static_macs() / 1e9
         thresholds = DIT_THRESHOLDS if name.startswith(("sparse", "paper")) else MSVIT_THRESHOLDS
@@ -378,6 +383,7 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
                          **train_ratios(run_dir)}  # fmt: skip
         if not name.startswith(("sparse", "paper")):
             results[name].update(level_diagnostics(model, processor, splits))
+        write_atomic(cache, json.dumps(results[name]))
         print(name, json.dumps(results[name]["eval"]), flush=True)
     return results
 
