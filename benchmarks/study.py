@@ -85,9 +85,11 @@ def run(output_dir: Path, args: list[str]) -> Path:
     return output_dir
 
 
-def same_paths(args: list[str]) -> list[str]:
-    """`args` with every existing path made absolute (a relative and an absolute spelling compare equal)."""
-    return [str(Path(arg).resolve()) if "/" in arg and Path(arg).exists() else arg for arg in args]
+def same_paths(args: list[str]) -> list[tuple[str, str]]:
+    """`args` as sorted `(flag, value)` pairs, every existing path made absolute: the same arguments in another order
+    or spelling compare equal."""
+    values = [str(Path(arg).resolve()) if "/" in arg and Path(arg).exists() else arg for arg in args]
+    return sorted(zip(values[::2], values[1::2]))
 
 
 NOT_RUN: list[str] = []
