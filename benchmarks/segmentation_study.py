@@ -77,6 +77,9 @@ def load_example():
 
 QUICK_STATIC = ["--backbone_max_steps", "4"]
 QUICK_DYNAMIC = ["--gate_only_max_steps", "2", "--max_steps", "2"]
+# In the joint phase the gates learn at the rest's learning rate (the gate-only phase's 1e-2 there scrambled DiT's
+# routes: 0.55 mean IoU at budget 0.8, 3 seeds, against 0.62 for the same models on the static route).
+JOINT_GATES = {"msvit": ["--joint_gate_learning_rate", "5e-4"], "dit": ["--joint_gate_learning_rate", "2e-4"]}
 # Batch 16: on this data twice the optimizer steps of batch 32 per epoch learned the digit classes in fewer epochs.
 BATCH = ["--per_device_train_batch_size", "16"]
 
@@ -90,7 +93,7 @@ def msvit_runs(runs: Path, quick: bool) -> list[Run]:
     for seed in SEEDS[:1] if quick else SEEDS:
         for target in MSVIT_TARGETS:
             args = ["--model_name_or_path", str(runs / vit.name), "--reinit_gates", "true",
-                    "--gbas_target_ratio", str(target), *BATCH, *dynamic]  # fmt: skip
+                    "--gbas_target_ratio", str(target), *BATCH, *dynamic, *JOINT_GATES["msvit"]]  # fmt: skip
             picture = target == MSVIT_TARGETS[0] and seed == 0
             chain.append(Run(f"MSViT target {target}", "msvit", args, f"MSViT target {target}, all fine",
                              picture=picture, seed=seed))  # fmt: skip
@@ -108,7 +111,7 @@ def dit_runs(runs: Path, quick: bool) -> list[Run]:
     for seed in SEEDS[:1] if quick else SEEDS:
         for budget in DIT_BUDGETS:
             args = ["--model_name_or_path", str(runs / pvt.name), "--backbone_epochs", "0", "--budget_target",
-                    str(budget), "--learning_rate", "2e-4", *BATCH, *dynamic]  # fmt: skip
+                    str(budget), "--learning_rate", "2e-4", *BATCH, *dynamic, *JOINT_GATES["dit"]]  # fmt: skip
             picture = budget == DIT_BUDGETS[-1] and seed == 0
             chain.append(Run(f"DiT budget {budget} + UperNet", "dit", args, f"DiT budget {budget}, static route",
                              picture=picture, seed=seed))  # fmt: skip

@@ -154,6 +154,10 @@ class ModelArguments:
     gate_only_max_steps: int = field(
         default=-1, metadata={"help": "If > 0: steps of the gate-only phase (overrides --gate_only_epochs)."}
     )
+    joint_gate_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the gates in the joint phase (default: --gate_learning_rate; 0: frozen)."},
+    )
     gate_learning_rate: float = field(
         default=1e-2,
         metadata={
@@ -408,7 +412,8 @@ def train(model, is_static: bool, model_args: ModelArguments, runner: phases.Pha
         return model, done, backbone_eval
     model = upcycle(model, model_args)
     gate_length = phases.phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps)
-    done.update(runner.train_gates_then_jointly(model, gate_length, model_args.gate_learning_rate))
+    joint = phases.JointPhase(gate_learning_rate=model_args.joint_gate_learning_rate)
+    done.update(runner.train_gates_then_jointly(model, gate_length, model_args.gate_learning_rate, joint))
     return model, done, backbone_eval
 
 
