@@ -393,7 +393,7 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
 GROUPS = {  # summary row: (family, name prefix, label, target label)
     **{("msvit", f"msvit_t{t}_"): (f"MSViT target {t} (example defaults)", f"fine {t}") for t in TARGETS},
     ("msvit", "msvit_paper_t0.5_"): ("MSViT target 0.5, the paper's recipe", "fine 0.5"),
-    ("msvit", "msvit_selected_t0.5_"): ("MSViT target 0.5, joint: selected tokens, gates frozen (1 seed)", "fine 0.5"),
+    ("msvit", "msvit_selected_t0.5_"): ("MSViT target 0.5, joint: selected tokens, gates frozen", "fine 0.5"),
     ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
     **{("dit", f"sparse_b{b}_"): (f"DiT-b0 budget {b}", f"compute {b}") for b in BUDGETS},
     ("dit", "paper_b0.8_"): ("DiT-b0 budget 0.8, the paper's recipe", "compute 0.8"),
@@ -412,6 +412,7 @@ def summarize(dynamic: dict) -> list[dict]:
         if not runs:
             continue
         target = 0.25 if prefix == "main_" else float(prefix.rstrip("_").split("_")[-1][1:])
+        label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         row = {"family": family, "target": target, "seeds": len(runs), "label": label, "target_label": target_label}
         for key, values in [(k, [r["eval"][k] for r in runs]) for k in SPREAD_KEYS] + [
             (k, [r[k] for r in runs if r.get(k) is not None]) for k in LEVEL_KEYS
