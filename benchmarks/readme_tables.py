@@ -59,8 +59,8 @@ TARGET_NAMES = {"msvit": "fine {target}", "dit": "compute {target}"}
 
 
 def learning_rate(text: str) -> str:
-    mantissa, exponent = f"{float(text):.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+    mantissa, exponent = f"{float(text):.2e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def static_row(label: str, result: dict, fraction: float) -> list[str]:
