@@ -58,20 +58,26 @@ def target_note(row) -> str:
         return ""
     if row.get("error"):
         return f"export failed: {row['error']}"
-    key = (row["family"], row["model"], row.get("ratio"))
     targets = ONNX_TARGETS if row.get("runtime") == "onnxruntime" else TARGETS
+    notes = [
+        f"{'met' if met else 'MISSED'} ({field} {value:.2f} vs {'<=' if upper else '>='} {bound})"
+        for field, value, bound, upper, met in target_checks(row, targets)
+    ]
+    return "; ".join(notes)
+
+
+def target_checks(row: dict, targets: dict) -> list[tuple[str, float, float, bool, bool]]:
+    """`(field, value, bound, is_upper_bound, met)` for every target of `row` it has a value for (a batch size's
+    own target first, else the one for every batch size); `*_ratio` fields are upper bounds, the rest lower."""
+    key = (row["family"], row["model"], row.get("ratio"))
     bounds = targets.get((*key, row["batch_size"])) or targets.get((*key, None)) or []
-    notes = []
+    checks = []
     for field, bound in bounds:
         value = row.get(field)
-        if value is None:
-            continue
-        met = value <= bound if field.endswith("_ratio") else value >= bound
-        notes.append(
-            f"{'met' if met else 'MISSED'} ({field} {value:.2f} vs {'<=' if field.endswith('_ratio') else '>='} "
-            f"{bound})"
-        )
-    return "; ".join(notes)
+        if value is not None:
+            upper = field.endswith("_ratio")
+            checks.append((field, value, bound, upper, value <= bound if upper else value >= bound))
+    return checks
 
 
 def _number(row, field, digits=2):

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from make_results_table import ONNX_TARGETS, TARGETS
+from make_results_table import ONNX_TARGETS, TARGETS, target_checks
 
 
 HERE = Path(__file__).resolve().parent
@@ -313,17 +313,11 @@ def find(rows: list[dict], **fields) -> dict | None:
 
 
 def target_cell(row: dict, targets: dict) -> str:
-    key = (row["family"], row["model"], row.get("ratio"))
-    bounds = targets.get((*key, row["batch_size"])) or targets.get((*key, None)) or []
-    notes = []
-    for field, bound in bounds:
-        value = row.get(field)
-        if value is None:
-            continue
-        upper = field.endswith("_ratio")
-        met = value <= bound if upper else value >= bound
-        suffix = "x" if field in ("measured_speedup", "memory_ratio") else ""
-        notes.append(f"{'<=' if upper else '>='} {bound}{suffix}: {'met' if met else '**missed**'}")
+    notes = [
+        f"{'<=' if upper else '>='} {bound}{'x' if field in ('measured_speedup', 'memory_ratio') else ''}: "
+        f"{'met' if met else '**missed**'}"
+        for field, _, bound, upper, met in target_checks(row, targets)
+    ]
     return "; ".join(notes) or "-"
 
 

@@ -445,10 +445,7 @@ def main():
     global SEEDS
     if args.quick:
         SEEDS = [0]
-    splits = {name: Split(name, args.quick) for name in ("validation", "test")}
-    splits["blank"] = Split("test", args.quick, background="blank")
-    splits["photo_tiles"] = photo_tiles()
-
+    splits = evaluation_splits(args.quick)
     static_runs = run_all(static_jobs(runs_dir, args.quick))
     static = evaluate_static({n: p / "phase-backbone" / "final" for n, p in static_runs.items()}, splits)
     best_dirs, best_names = best_of_sweeps(static, static_runs)
@@ -460,8 +457,6 @@ def main():
     dynamic = evaluate_dynamic(dynamic_runs, splits)
     if any(name.startswith("main_") for name in dynamic_runs):
         baselines.append(main_job_backbones(dynamic_runs, splits))
-    seconds = [json.loads((p / "study_done.json").read_text())["seconds"]
-               for p in [*static_runs.values(), *fair_dirs, *dynamic_runs.values()]]  # fmt: skip
     payload = {
         "quick": args.quick,
         "split": "test",
@@ -472,7 +467,7 @@ def main():
         "summary": summarize(dynamic),
         "num_images": len(splits["test"].labels),
         "not_run": NOT_RUN,
-        "train_seconds": sum(seconds),
+        "train_seconds": train_seconds([*static_runs.values(), *fair_dirs, *dynamic_runs.values()]),
         "wall_seconds": time.time() - started,
     }
     write_atomic(out / "results.json", json.dumps(payload, indent=1))
@@ -480,6 +475,18 @@ def main():
     plot(payload, out / "accuracy_vs_gmacs.png")
     pictures(dynamic_runs, splits["test"], out)
     print((out / "results.md").read_text())
+
+
+def evaluation_splits(quick: bool) -> dict:
+    """Validation (choices), test (reported numbers), and two distributions no model trained on (ratios only)."""
+    splits = {name: Split(name, quick) for name in ("validation", "test")}
+    splits["blank"] = Split("test", quick, background="blank")
+    splits["photo_tiles"] = photo_tiles()
+    return splits
+
+
+def train_seconds(run_dirs: list[Path]) -> float:
+    return sum(json.loads((path / "study_done.json").read_text())["seconds"] for path in run_dirs)
 
 
 def main_job_backbones(dynamic_runs: dict, splits: dict) -> dict:

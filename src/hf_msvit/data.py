@@ -128,20 +128,23 @@ def render_digits_on_canvas(
             top, left = (
                 int(v) * position_step for v in rng.integers(0, (canvas_size - size) // position_step + 1, size=2)
             )
-            canvas = np.zeros((canvas_size, canvas_size), dtype=np.float32)
-            if photos is not None:
-                canvas = _photo_crop(photos, rng, canvas_size, style)
-            strokes = np.zeros_like(canvas)
+            strokes = np.zeros((canvas_size, canvas_size), dtype=np.float32)
             strokes[top : top + size, left : left + size] = np.asarray(digit, dtype=np.float32) / 255.0
-            canvas = np.maximum(canvas, strokes)
-            if noise > 0:
-                canvas += rng.normal(0.0, noise, size=canvas.shape).astype(np.float32)
-            canvas = np.clip(canvas, 0.0, 1.0)
+            canvas = _compose(strokes, photos, rng, style, noise)
             out_images.append(Image.fromarray((canvas * 255).round().astype(np.uint8), mode="L"))
             out_labels.append(int(label))
             positions.append((top, left, size))
             masks.append(strokes > 0.5)
     return out_images, out_labels, positions, masks
+
+
+def _compose(strokes: np.ndarray, photos, rng: np.random.Generator, style: CanvasStyle, noise: float) -> np.ndarray:
+    """The canvas in [0, 1]: the background (a photo crop, or black), the strokes over it, then pixel noise."""
+    canvas = np.zeros_like(strokes) if photos is None else _photo_crop(photos, rng, strokes.shape[0], style)
+    canvas = np.maximum(canvas, strokes)
+    if noise > 0:
+        canvas += rng.normal(0.0, noise, size=canvas.shape).astype(np.float32)
+    return np.clip(canvas, 0.0, 1.0)
 
 
 def _split_indices(num_digits: int, validation_fraction: float, test_fraction: float, seed: int) -> dict:
