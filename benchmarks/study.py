@@ -57,8 +57,12 @@ MSVIT_RECIPES = {
                "gbas_temperature_l1_weight=0.1,gate_level_calibration=false,gate_noise_scale=1,gate_level_loss_weight=0"],
 }  # fmt: skip
 MSVIT_RECIPES["selected_"] = ["--joint_gate_training_mode", "straight_through", "--joint_gate_learning_rate", "0"]
-MSVIT_RECIPE_TARGETS = {"": TARGETS, "paper_": [0.5], "selected_": [0.5]}
-MSVIT_RECIPE_SEEDS = {"selected_": [0]}  # one seed: the row shows the mode's cost in accuracy, not a spread
+# The former defaults: noise-free decisions in the joint phase too, calibrated (the level term was unbounded then).
+MSVIT_RECIPES["noisefree_"] = ["--config_overrides", "gate_level_calibration=true", "--joint_gate_noise_scale", "0"]
+# Sampled decisions in the gate-only phase too (one seed: at 0.5 that gate learned nothing, see docs/msvit.md).
+MSVIT_RECIPES["sampled_"] = ["--config_overrides", "gate_noise_scale=1"]
+MSVIT_RECIPE_TARGETS = {"": TARGETS, "paper_": [0.5], "selected_": [0.5], "noisefree_": TARGETS, "sampled_": TARGETS}
+MSVIT_RECIPE_SEEDS = {("noisefree_", 0.75): [0], **{("sampled_", t): [0] for t in TARGETS}}
 MSVIT_PHASE_EPOCHS = 2 + 10  # the example's gate-only and joint epochs, for the fair baselines
 DIT_STEPS = {"sparse": 90 + 180}  # gate-only and joint steps of dit_study.py's recipe
 JOINT_LEARNING_RATE = 5e-4  # the example's default joint-phase learning rate
@@ -136,7 +140,7 @@ def msvit_jobs(runs: Path, vit16: Path, quick: bool) -> dict:
     jobs = {}
     for recipe, extra in MSVIT_RECIPES.items():
         for target in MSVIT_RECIPE_TARGETS[recipe]:
-            for seed in [s for s in SEEDS if s in MSVIT_RECIPE_SEEDS.get(recipe, SEEDS)]:
+            for seed in [s for s in SEEDS if s in MSVIT_RECIPE_SEEDS.get((recipe, target), SEEDS)]:
                 args = ["--model_name_or_path", str(vit16), "--gbas_target_ratio", str(target), "--seed", str(seed)]
                 name = f"msvit_{recipe}t{target}_s{seed}"
                 jobs[name] = (runs / name, [*args, *extra, *length])
@@ -394,6 +398,10 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
     **{("msvit", f"msvit_t{t}_"): (f"MSViT target {t} (example defaults)", f"fine {t}") for t in TARGETS},
     ("msvit", "msvit_paper_t0.5_"): ("MSViT target 0.5, the paper's recipe", "fine 0.5"),
     ("msvit", "msvit_selected_t0.5_"): ("MSViT target 0.5, joint: selected tokens, gates frozen", "fine 0.5"),
+    **{("msvit", f"msvit_noisefree_t{t}_"): (f"MSViT target {t}, former defaults", f"fine {t}") for t in TARGETS},
+    **{
+        ("msvit", f"msvit_sampled_t{t}_"): (f"MSViT target {t}, sampled gate-only phase", f"fine {t}") for t in TARGETS
+    },
     ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
     **{("dit", f"sparse_b{b}_"): (f"DiT-b0 budget {b}", f"compute {b}") for b in BUDGETS},
     ("dit", "paper_b0.8_"): ("DiT-b0 budget 0.8, the paper's recipe", "compute 0.8"),

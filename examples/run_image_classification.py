@@ -27,7 +27,8 @@ The run is a sequence of phases, each one `Trainer` run with its own folder unde
    reuses every backbone weight; only the gates (and GBaS priors) are new.
 3. `phase-gate`: `--gate_only_epochs` with the backbone and head frozen, only the gates learn (`--gate_learning_rate`).
 4. `phase-joint`: `--num_train_epochs` of joint fine-tuning of everything: `--learning_rate` for the backbone and
-   head, `--gate_learning_rate` for the gates.
+   head, `--gate_learning_rate` for the gates. New MSViT gates learn on inference's decisions in phase 3 and the
+   joint phase samples them (`--joint_gate_noise_scale`, 1 by default for new gates).
 
 Defaults that depend on the model type when training from scratch (backbone and gate learning rates, gate settings)
 live in one place, `FRESH_MODEL_DEFAULTS`; command-line values always win.
@@ -74,6 +75,7 @@ from hf_msvit import (
     phases,
 )
 from hf_msvit import data as builtin_data
+from hf_msvit.models.msvit.convert_vit_to_msvit import JOINT_PHASE_NOISE_SCALE
 from hf_msvit.training import (
     DynamicComputeTrainer,
     ImageTransform,
@@ -215,6 +217,13 @@ class ModelArguments:
     joint_gate_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the gates in the joint phase (default: --gate_learning_rate; 0: frozen)."},
+    )
+    joint_gate_noise_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "MSViT: `gate_noise_scale` of the joint phase (default: 1, sampled decisions, for new gates; "
+            "the config's for an MSViT checkpoint)."
+        },
     )
     config_overrides: str | None = field(
         default=None,
@@ -420,6 +429,13 @@ def gate_learning_rate(model_args: ModelArguments, start: StartingPoint) -> floa
     return FRESH_MODEL_DEFAULTS[start.model_type].gate_learning_rate
 
 
+def joint_noise_scale(model_args: ModelArguments, start: StartingPoint) -> float | None:
+    """`--joint_gate_noise_scale` if given; sampled decisions for new MSViT gates (upcycled in this run)."""
+    if model_args.joint_gate_noise_scale is not None or start.model is not None or start.model_type != "msvit":
+        return model_args.joint_gate_noise_scale
+    return JOINT_PHASE_NOISE_SCALE
+
+
 def backbone_learning_rate(model_args: ModelArguments, model_type: str) -> float:
     if model_args.backbone_learning_rate is not None:
         return model_args.backbone_learning_rate
@@ -546,7 +562,9 @@ def train(start: StartingPoint, runner: phases.PhaseRunner, model_args: ModelArg
     start.backbone = None
     summary.gate_learning_rate = gate_learning_rate(model_args, start)
     gate_length = phases.phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps)
-    joint = phases.JointPhase(model_args.joint_gate_training_mode, model_args.joint_gate_learning_rate)
+    joint = phases.JointPhase(
+        model_args.joint_gate_training_mode, model_args.joint_gate_learning_rate, joint_noise_scale(model_args, start)
+    )
     summary.phases = runner.train_gates_then_jointly(model, gate_length, summary.gate_learning_rate, joint)
     return model, summary
 

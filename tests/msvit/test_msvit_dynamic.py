@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from hf_msvit import MSViTConfig, MSViTForImageClassification, MSViTImageProcessor, MSViTModel
+from hf_msvit.models.msvit.convert_vit_to_msvit import UPCYCLING_DEFAULTS
 from hf_msvit.models.msvit.modeling_msvit import MSViTLayer, partition_by_length
 
 from tiny_models import tiny_msvit_config
@@ -482,12 +483,16 @@ def test_gate_level_calibration_holds_the_target_fraction(target):
         assert not uncalibrated.eval()(x).fine_region_mask.any()
 
 
-def train_gate_from_bias(level_weight: float, target: float, steps: int = 120) -> tuple[float, float]:
+NOISE_FREE = {"gate_noise_scale": 0.0}
+SAMPLED = {key: UPCYCLING_DEFAULTS[key] for key in ("gate_noise_scale", "gbas_prior_temperature")}
+
+
+def train_gate_from_bias(level_weight: float, target: float, steps: int = 120, decisions=NOISE_FREE):
     """Trains only the gate of a model started at bias -20 (an uncalibrated gate tokenizes nothing fine there) with
-    its gate loss, Adam at lr 0.1 decaying to 0; returns `(fine ratio of the training decisions over the last quarter
-    of the steps, logit offset calibration keeps)`."""
+    its gate loss, Adam at lr 0.1 decaying to 0; returns the fine ratio of the training decisions over the last
+    quarter of the steps, and of inference on new images with the calibration offset applied and without."""
     torch.manual_seed(0)
-    config = tiny_config(gbas_target_ratio=target, gate_noise_scale=0.0, gate_level_loss_weight=level_weight)
+    config = tiny_config(gbas_target_ratio=target, gate_level_loss_weight=level_weight, **decisions)
     model = MSViTForImageClassification(config).train()
     gate = model.msvit.embeddings.gate
     with torch.no_grad():
@@ -502,19 +507,39 @@ def train_gate_from_bias(level_weight: float, target: float, steps: int = 120) -
         optimizer.step()
         schedule.step()
         ratios.append(float(outputs.fine_region_mask.float().mean()))
-    return sum(ratios[-steps // 4 :]) / (steps // 4), float(gate.logit_offset)
+    inference = []
+    with torch.no_grad():
+        for gate.calibration in (True, False):
+            inference.append(float(model.eval()(images(16, seed=steps)).fine_region_mask.float().mean()))
+    return sum(ratios[-steps // 4 :]) / (steps // 4), *inference
 
 
-@pytest.mark.parametrize("target", [0.25, 0.5])
-def test_level_term_brings_a_saturated_gate_to_the_target_in_training(target):
+@pytest.mark.parametrize("decisions", [NOISE_FREE, SAMPLED], ids=["noise-free", "sampled (upcycling defaults)"])
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.75])
+def test_level_term_brings_a_saturated_gate_to_the_target_in_training(target, decisions):
     """From bias -20 the GBaS loss on probabilities has no gradient left (sigmoid' ~ 2e-9): training decisions stay
     all coarse, and only inference's calibration offset would hide it. The level term is linear in the logits: the
-    training decisions themselves reach the target, and the offset calibration keeps ends near zero."""
-    stuck_ratio, stuck_offset = train_gate_from_bias(level_weight=0.0, target=target)
-    assert stuck_ratio == 0.0 and stuck_offset < -10
-    ratio, offset = train_gate_from_bias(level_weight=1.0, target=target)
+    training decisions themselves (noise-free, or sampled as upcycled gates train) reach the target, and inference
+    needs no calibration to follow."""
+    stuck, stuck_calibrated, stuck_uncalibrated = train_gate_from_bias(0.0, target, decisions=decisions)
+    assert stuck < 0.01 and stuck_uncalibrated == 0.0 and stuck_calibrated > target / 2
+    ratio, calibrated, uncalibrated = train_gate_from_bias(1.0, target, decisions=decisions)
     assert ratio == pytest.approx(target, abs=0.05)
-    assert abs(offset) < 1.0
+    assert uncalibrated == pytest.approx(target, abs=0.1) and calibrated == pytest.approx(uncalibrated, abs=0.05)
+
+
+def test_level_term_is_bounded_when_the_quantile_jumps():
+    """A saturated two-mode gate (logits at -50 and +50) puts the batch quantile on one mode: the level term's pull
+    stays that of a one-logit shift (gradient 2 in all) instead of growing with the jump (a squared 50-logit shift
+    swamped every other gradient under gradient clipping), and it still points the level the right way."""
+    model = MSViTModel(tiny_config(gbas_target_ratio=0.5))
+    logits = torch.cat([torch.full((60,), -50.0), torch.full((40,), 50.0)]).requires_grad_()
+    loss = model._level_loss(logits)
+    loss.backward()
+    assert loss.item() < 100 and float(logits.grad.sum()) == pytest.approx(-2.0)  # descent raises every logit
+    small = torch.linspace(-1, 1, 100).add(0.3).requires_grad_()  # quantile 0.3 above the threshold: quadratic
+    model._level_loss(small).backward()
+    assert float(small.grad.sum()) == pytest.approx(0.6, rel=1e-3)
 
 
 def test_noise_free_training_takes_the_decisions_inference_takes():

@@ -46,7 +46,10 @@ SHARED_FIELDS = (
     "id2label",
     "label2id",
 )
-UPCYCLING_DEFAULTS = {"gate_noise_scale": 0.0, "gate_level_loss_weight": 1.0}
+UPCYCLING_DEFAULTS = {"gate_noise_scale": 0.0, "gate_level_loss_weight": 1.0, "gate_level_calibration": False}
+# The joint phase's training decisions once the gate has learned where to look: sampled (Gumbel noise 1), so the
+# backbone is fine-tuned on token mixes around the gate's level, not on one decision boundary (examples' default).
+JOINT_PHASE_NOISE_SCALE = 1.0
 # Parameters MSViT adds to a ViT: they are initialized, not converted.
 NEW_PARAMETER_PREFIXES = ("embeddings.gate.", "batch_shaping.")
 

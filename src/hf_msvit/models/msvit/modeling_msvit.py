@@ -768,16 +768,17 @@ class MSViTModel(MSViTPreTrainedModel):
         return loss
 
     def _level_loss(self, logits: torch.Tensor) -> torch.Tensor:
-        """The level term: `shift^2`, where `shift` is how far the batch's `(1 - target)` logit quantile lies from
-        where inference thresholds. Its gradient moves every logit by the same amount (the mean logit towards where a
-        shift of the whole distribution puts the quantile at the threshold), leaving the spread to GBaS; it is linear
-        in the logits, so it does not vanish when the gate saturates."""
+        """The level term: `shift^2` (linear beyond one logit), where `shift` is how far the batch's `(1 - target)`
+        logit quantile lies from where inference thresholds. Its gradient moves every logit by the same amount (the
+        mean logit towards where a shift of the whole distribution puts the quantile at the threshold), leaving the
+        spread to GBaS; it does not vanish when the gate saturates, and it is bounded: the quantile of a saturated,
+        two-mode gate jumps by tens of logits between batches, and a squared jump swamped every other gradient."""
         config = self.config
         logits = logits.float().flatten()
         threshold = torch.logit(torch.tensor(float(config.gate_threshold)), eps=1e-6)
         shift = (torch.quantile(logits.detach(), 1.0 - config.gbas_target_ratio) - threshold).detach()
         wanted_mean = logits.mean().detach() - shift
-        return (logits.mean() - wanted_mean).pow(2)
+        return 2 * F.huber_loss(logits.mean(), wanted_mean, delta=1.0)
 
     def token_macs(self, tokens: MSViTTokens) -> torch.Tensor:
         """`(batch,)` MACs of the chosen tokenization: encoder, patch embedding, gate (when it ran), pooler."""
