@@ -264,7 +264,6 @@ class MSViTTokens:
     lengths: torch.Tensor
     cls: torch.Tensor
     decisions: GateDecisions
-    num_embedded: torch.Tensor
     key_weights: torch.Tensor | None = None
     uniform_length: int | None = None
 
@@ -437,7 +436,6 @@ class MSViTEmbeddings(nn.Module):
             lengths=lengths,
             cls=cls,
             decisions=decisions,
-            num_embedded=self._num_embedded(decisions, lengths),
             uniform_length=uniform_length,
         )
 
@@ -454,16 +452,8 @@ class MSViTEmbeddings(nn.Module):
             lengths=lengths,
             cls=cls,
             decisions=decisions,
-            num_embedded=self._num_embedded(decisions, lengths),
             key_weights=self._key_weights(decisions.values),
         )
-
-    def _num_embedded(self, decisions: GateDecisions, lengths: torch.Tensor) -> torch.Tensor:
-        """Patches embedded per image: the tokens, plus every region's coarse token when the gate ran on coarse
-        embeddings (embedded for the gate, then the kept ones again with the tokens)."""
-        if self.config.gate_input == "embeddings" and decisions.probs is not None:
-            return lengths + decisions.fine.shape[1]
-        return lengths
 
     def _key_weights(self, values: torch.Tensor) -> torch.Tensor:
         """`(batch, 1 + coarse + fine)`: 1 for CLS, `1 - value` for each coarse token, the region's value for each
@@ -783,9 +773,14 @@ class MSViTModel(MSViTPreTrainedModel):
         """`(batch,)` MACs of the chosen tokenization: encoder, patch embedding, gate (when it ran), pooler."""
         num_tokens = tokens.lengths.double() + 1
         macs = self.config.num_hidden_layers * MSViTLayer.macs(self.config, num_tokens)
-        macs = macs + self.embeddings.patch_embeddings.macs(tokens.num_embedded.double())
+        num_embedded = tokens.lengths.double()
         if tokens.decisions.probs is not None:
-            macs = macs + self.embeddings.gate.macs(tokens.decisions.fine.shape[1])
+            num_regions = tokens.decisions.fine.shape[1]
+            macs = macs + self.embeddings.gate.macs(num_regions)
+            if self.config.gate_input == "embeddings":
+                # The gate ran on every region's coarse embedding; the kept ones are embedded again with the tokens.
+                num_embedded = num_embedded + num_regions
+        macs = macs + self.embeddings.patch_embeddings.macs(num_embedded)
         if self.pooler is not None:
             macs = macs + self.pooler.dense.weight.numel()
         return macs.float()
