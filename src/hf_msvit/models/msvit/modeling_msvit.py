@@ -622,6 +622,20 @@ class MSViTPreTrainedModel(PreTrainedModel):
             "attention_mask": outputs.attention_mask,
         }
 
+    def static_macs(self) -> float:
+        """MACs per image of the static ViT this model comes from (ViT/`patch_size`: every region fine, no gate), the
+        model's head included."""
+        return self._tokenization_macs(self.config.fine_grid)
+
+    def coarse_only_macs(self) -> float:
+        """MACs per image of the coarse-only tokenization (every region one coarse token, no gate), the head
+        included."""
+        return self._tokenization_macs(self.config.coarse_grid)
+
+    def _tokenization_macs(self, grid: tuple[int, int]) -> float:
+        """A head's: its base model's MACs on the `grid` tokenization plus the head's on those tokens."""
+        return self.msvit._tokenization_macs(grid) + self._head_macs(grid[0] * grid[1])
+
     @classmethod
     def from_vit_pretrained(cls, vit, **config_overrides):
         """Upcycles a ViT checkpoint into this class: every backbone weight is reused, only the gate is new.
@@ -845,14 +859,6 @@ class MSViTModel(MSViTPreTrainedModel):
         grid = last_hidden_state.gather(1, position[..., None].expand(-1, -1, last_hidden_state.shape[-1]))
         return grid.transpose(1, 2).reshape(batch_size, -1, fine_h, fine_w)
 
-    def static_macs(self) -> float:
-        """MACs per image of the static ViT this model comes from (ViT/`patch_size`: every region fine, no gate)."""
-        return self._tokenization_macs(self.config.fine_grid)
-
-    def coarse_only_macs(self) -> float:
-        """MACs per image of the coarse-only tokenization (every region one coarse token, no gate)."""
-        return self._tokenization_macs(self.config.coarse_grid)
-
     def _tokenization_macs(self, grid: tuple[int, int]) -> float:
         return float(vit_macs(self.config, grid[0] * grid[1], with_pooler=self.pooler is not None))
 
@@ -911,18 +917,11 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self._fold_gate_loss(self.loss_function(labels, logits, self.config, **kwargs), outputs)
-        macs = outputs.macs + self._head_macs()
+        macs = outputs.macs + self._head_macs(outputs.num_tokens - 1)
         return MSViTImageClassifierOutput(loss=loss, logits=logits, **self._gate_outputs(outputs, macs))
 
-    def static_macs(self) -> float:
-        """MACs per image of the static ViT, head included."""
-        return self.msvit.static_macs() + self._head_macs()
-
-    def coarse_only_macs(self) -> float:
-        """MACs per image of the coarse-only tokenization, head included."""
-        return self.msvit.coarse_only_macs() + self._head_macs()
-
-    def _head_macs(self) -> int:
+    def _head_macs(self, num_tokens) -> int:
+        """The classifier reads the CLS token alone, whatever the number of image tokens."""
         return self.classifier.weight.numel() if isinstance(self.classifier, nn.Linear) else 0
 
 
@@ -1002,18 +1001,12 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
         if labels is not None:
             task_loss = self.loss_function(logits, labels, ignore_index=self.config.semantic_loss_ignore_index)
             loss = self._fold_gate_loss(task_loss, outputs)
-        macs = outputs.macs + (outputs.num_tokens - 1) * self.decode_head.weight.numel()
+        macs = outputs.macs + self._head_macs(outputs.num_tokens - 1)
         return MSViTSemanticSegmenterOutput(loss=loss, logits=logits, **self._gate_outputs(outputs, macs))
 
-    def static_macs(self) -> float:
-        """MACs per image of the static ViT, decoder included (one decoded token per fine patch)."""
-        grid_h, grid_w = self.config.fine_grid
-        return self.msvit.static_macs() + grid_h * grid_w * self.decode_head.weight.numel()
-
-    def coarse_only_macs(self) -> float:
-        """MACs per image of the coarse-only tokenization, decoder included (one decoded token per region)."""
-        grid_h, grid_w = self.config.coarse_grid
-        return self.msvit.coarse_only_macs() + grid_h * grid_w * self.decode_head.weight.numel()
+    def _head_macs(self, num_tokens):
+        """The decoder decodes every image token once (CLS aside)."""
+        return num_tokens * self.decode_head.weight.numel()
 
     @classmethod
     def from_vit_pretrained(cls, vit, **config_overrides):
