@@ -264,7 +264,6 @@ class MSViTTokens:
     lengths: torch.Tensor
     cls: torch.Tensor
     decisions: GateDecisions
-    num_embedded: torch.Tensor
     key_weights: torch.Tensor | None = None
     uniform_length: int | None = None
 
@@ -437,7 +436,6 @@ class MSViTEmbeddings(nn.Module):
             lengths=lengths,
             cls=cls,
             decisions=decisions,
-            num_embedded=self._num_embedded(decisions, lengths),
             uniform_length=uniform_length,
         )
 
@@ -454,16 +452,8 @@ class MSViTEmbeddings(nn.Module):
             lengths=lengths,
             cls=cls,
             decisions=decisions,
-            num_embedded=self._num_embedded(decisions, lengths),
             key_weights=self._key_weights(decisions.values),
         )
-
-    def _num_embedded(self, decisions: GateDecisions, lengths: torch.Tensor) -> torch.Tensor:
-        """Patches embedded per image: the tokens, plus every region's coarse token when the gate ran on coarse
-        embeddings (embedded for the gate, then the kept ones again with the tokens)."""
-        if self.config.gate_input == "embeddings" and decisions.probs is not None:
-            return lengths + decisions.fine.shape[1]
-        return lengths
 
     def _key_weights(self, values: torch.Tensor) -> torch.Tensor:
         """`(batch, 1 + coarse + fine)`: 1 for CLS, `1 - value` for each coarse token, the region's value for each
@@ -632,6 +622,20 @@ class MSViTPreTrainedModel(PreTrainedModel):
             "attention_mask": outputs.attention_mask,
         }
 
+    def static_macs(self) -> float:
+        """MACs per image of the static ViT this model comes from (ViT/`patch_size`: every region fine, no gate), the
+        model's head included."""
+        return self._tokenization_macs(self.config.fine_grid)
+
+    def coarse_only_macs(self) -> float:
+        """MACs per image of the coarse-only tokenization (every region one coarse token, no gate), the head
+        included."""
+        return self._tokenization_macs(self.config.coarse_grid)
+
+    def _tokenization_macs(self, grid: tuple[int, int]) -> float:
+        """A head's: its base model's MACs on the `grid` tokenization plus the head's on those tokens."""
+        return self.msvit._tokenization_macs(grid) + self._head_macs(grid[0] * grid[1])
+
     @classmethod
     def from_vit_pretrained(cls, vit, **config_overrides):
         """Upcycles a ViT checkpoint into this class: every backbone weight is reused, only the gate is new.
@@ -784,9 +788,14 @@ class MSViTModel(MSViTPreTrainedModel):
         """`(batch,)` MACs of the chosen tokenization: encoder, patch embedding, gate (when it ran), pooler."""
         num_tokens = tokens.lengths.double() + 1
         macs = self.config.num_hidden_layers * MSViTLayer.macs(self.config, num_tokens)
-        macs = macs + self.embeddings.patch_embeddings.macs(tokens.num_embedded.double())
+        num_embedded = tokens.lengths.double()
         if tokens.decisions.probs is not None:
-            macs = macs + self.embeddings.gate.macs(tokens.decisions.fine.shape[1])
+            num_regions = tokens.decisions.fine.shape[1]
+            macs = macs + self.embeddings.gate.macs(num_regions)
+            if self.config.gate_input == "embeddings":
+                # The gate ran on every region's coarse embedding; the kept ones are embedded again with the tokens.
+                num_embedded = num_embedded + num_regions
+        macs = macs + self.embeddings.patch_embeddings.macs(num_embedded)
         if self.pooler is not None:
             macs = macs + self.pooler.dense.weight.numel()
         return macs.float()
@@ -851,14 +860,6 @@ class MSViTModel(MSViTPreTrainedModel):
         grid = last_hidden_state.gather(1, position[..., None].expand(-1, -1, last_hidden_state.shape[-1]))
         return grid.transpose(1, 2).reshape(batch_size, -1, fine_h, fine_w)
 
-    def static_macs(self) -> float:
-        """MACs per image of the static ViT this model comes from (ViT/`patch_size`: every region fine, no gate)."""
-        return self._tokenization_macs(self.config.fine_grid)
-
-    def coarse_only_macs(self) -> float:
-        """MACs per image of the coarse-only tokenization (every region one coarse token, no gate)."""
-        return self._tokenization_macs(self.config.coarse_grid)
-
     def _tokenization_macs(self, grid: tuple[int, int]) -> float:
         return float(vit_macs(self.config, grid[0] * grid[1], with_pooler=self.pooler is not None))
 
@@ -917,18 +918,11 @@ class MSViTForImageClassification(MSViTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self._fold_gate_loss(self.loss_function(labels, logits, self.config, **kwargs), outputs)
-        macs = outputs.macs + self._head_macs()
+        macs = outputs.macs + self._head_macs(outputs.num_tokens - 1)
         return MSViTImageClassifierOutput(loss=loss, logits=logits, **self._gate_outputs(outputs, macs))
 
-    def static_macs(self) -> float:
-        """MACs per image of the static ViT, head included."""
-        return self.msvit.static_macs() + self._head_macs()
-
-    def coarse_only_macs(self) -> float:
-        """MACs per image of the coarse-only tokenization, head included."""
-        return self.msvit.coarse_only_macs() + self._head_macs()
-
-    def _head_macs(self) -> int:
+    def _head_macs(self, num_tokens) -> int:
+        """The classifier reads the CLS token alone, whatever the number of image tokens."""
         return self.classifier.weight.numel() if isinstance(self.classifier, nn.Linear) else 0
 
 
@@ -1008,18 +1002,12 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
         if labels is not None:
             task_loss = self.loss_function(logits, labels, ignore_index=self.config.semantic_loss_ignore_index)
             loss = self._fold_gate_loss(task_loss, outputs)
-        macs = outputs.macs + (outputs.num_tokens - 1) * self.decode_head.weight.numel()
+        macs = outputs.macs + self._head_macs(outputs.num_tokens - 1)
         return MSViTSemanticSegmenterOutput(loss=loss, logits=logits, **self._gate_outputs(outputs, macs))
 
-    def static_macs(self) -> float:
-        """MACs per image of the static ViT, decoder included (one decoded token per fine patch)."""
-        grid_h, grid_w = self.config.fine_grid
-        return self.msvit.static_macs() + grid_h * grid_w * self.decode_head.weight.numel()
-
-    def coarse_only_macs(self) -> float:
-        """MACs per image of the coarse-only tokenization, decoder included (one decoded token per region)."""
-        grid_h, grid_w = self.config.coarse_grid
-        return self.msvit.coarse_only_macs() + grid_h * grid_w * self.decode_head.weight.numel()
+    def _head_macs(self, num_tokens):
+        """The decoder decodes every image token once (CLS aside)."""
+        return num_tokens * self.decode_head.weight.numel()
 
     @classmethod
     def from_vit_pretrained(cls, vit, **config_overrides):
