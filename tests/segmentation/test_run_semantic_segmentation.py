@@ -105,7 +105,6 @@ def test_segmentation_card_names_a_hub_dataset_with_its_mean_iou():
     assert result.metric_value == 0.25 and result.dataset_name == "scene_parse_150"
 
 
-
 def closed_stage_gradient(sparse_training: bool | None) -> torch.Tensor:
     """Gradient of the pixel loss alone (budget weight 0) on the row gate of PVTv2's stage 2 (grid node (1, 1)),
     closed for every token, in a UperNet on PVTv2 upcycled by the example to UperNet on DiT."""

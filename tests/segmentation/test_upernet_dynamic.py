@@ -80,7 +80,6 @@ def test_backward_reaches_the_gates(family):
     assert gates and any(grad is not None and grad.abs().sum() > 0 for grad in gates.values()), gates.keys()
 
 
-
 @pytest.mark.parametrize("family", sorted(BACKBONES))
 def test_joint_phase_gives_the_gate_learning_rate_to_the_gate_modules_only(family, tmp_path):
     """SegmentationTrainer's `gate_learning_rate` groups (the joint phase) hold exactly the parameters of the
