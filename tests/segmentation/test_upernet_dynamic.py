@@ -80,6 +80,27 @@ def test_backward_reaches_the_gates(family):
     assert gates and any(grad is not None and grad.abs().sum() > 0 for grad in gates.values()), gates.keys()
 
 
+@pytest.mark.parametrize("family", sorted(BACKBONES))
+def test_joint_phase_gives_the_gate_learning_rate_to_the_gate_modules_only(family, tmp_path):
+    """SegmentationTrainer's `gate_learning_rate` groups (the joint phase) hold exactly the parameters of the
+    backbone's gate modules (and GBaS priors): none of UperNet's heads (BatchNorm included) or of the backbone."""
+    from transformers import TrainingArguments
+
+    from hf_msvit.models.dit_routing.layers import DiTGate
+    from hf_msvit.models.msvit.batch_shaping import GeneralizedBatchShaping
+    from hf_msvit.models.msvit.modeling_msvit import MSViTGate
+    from hf_msvit.segmentation import SegmentationTrainer
+
+    model = DynamicUperNetForSemanticSegmentation(upernet_config(BACKBONES[family][0]()))
+    gate_modules = [m for m in model.modules() if isinstance(m, (DiTGate, MSViTGate, GeneralizedBatchShaping))]
+    gate_ids = {id(p) for module in gate_modules for p in module.parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.05, report_to="none")
+    optimizer = SegmentationTrainer(model=model, args=args, gate_learning_rate=1e-2).create_optimizer()
+    at_gate_lr = {id(p) for group in optimizer.param_groups if group["lr"] == 1e-2 for p in group["params"]}
+    assert gate_ids and at_gate_lr == gate_ids
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(model.parameters()))
+
+
 def test_upcycled_dit_with_the_static_route_equals_the_upernet_on_pvt_v2():
     torch.manual_seed(0)
     static = UperNetForSemanticSegmentation(upernet_config(PvtV2Config(**PVT_SHAPE, out_features=STAGES))).eval()
