@@ -14,11 +14,13 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
    into the ViT/32 that computes what MSViT computes with every region coarse, fine-tuned as long.
 3. MSViT upcycled from the best ViT/16 with the example's defaults and nothing but the target
    (`--model_name_or_path <vit16> --gbas_target_ratio t`, the path users take) at targets 0.25, 0.5 and 0.75, 3 seeds
-   each; and the paper's recipe (GBaS on the sampled decisions, learned prior temperatures with the notebook's L1, no
-   calibration, no level term) at 0.5, 3 seeds; and the cheaper joint phase (the selected tokens only, gates frozen)
-   at 0.5, one seed. Every model also evaluated with `gate_threshold` swept, with its
-   level calibration switched off, and on two other distributions (blank canvases; scikit-learn's two photographs
-   cut into 96 px tiles).
+   each; the README's main job (a fresh ViT/16, then MSViT) with 3 seeds; and recipes beside the defaults: the
+   paper's (GBaS on the sampled decisions, learned prior temperatures with the notebook's L1, no calibration, no
+   level term) at 0.5, 3 seeds; the former defaults (noise-free decisions in the joint phase too, calibrated) at every
+   target; sampled decisions in the gate-only phase too (one seed per target); the joint phase with the full Gumbel
+   noise (3 seeds per target); and the cheaper joint phase (the selected tokens only, gates frozen) at 0.5, 3 seeds.
+   Every model also evaluated with `gate_threshold` swept, with its level calibration switched off, and on two
+   other distributions (blank canvases; scikit-learn's two photographs cut into 96 px tiles).
 4. DiT-b0 upcycled from PVTv2-b0 with the package's recipe at budgets 0.6 and 0.8 (3 seeds each), its row-gate
    threshold swept in steps of 0.05. The DiT runs are `dit_study.py`'s (same arguments, shared run folders), as is
    the paper's DiT recipe (3 seeds at 0.8).
@@ -61,8 +63,12 @@ MSVIT_RECIPES["selected_"] = ["--joint_gate_training_mode", "straight_through", 
 MSVIT_RECIPES["noisefree_"] = ["--config_overrides", "gate_level_calibration=true", "--joint_gate_noise_scale", "0"]
 # Sampled decisions in the gate-only phase too (one seed: at 0.5 that gate learned nothing, see docs/msvit.md).
 MSVIT_RECIPES["sampled_"] = ["--config_overrides", "gate_noise_scale=1"]
-MSVIT_RECIPE_TARGETS = {"": TARGETS, "paper_": [0.5], "selected_": [0.5], "noisefree_": TARGETS, "sampled_": TARGETS}
-MSVIT_RECIPE_SEEDS = {("noisefree_", 0.75): [0], **{("sampled_", t): [0] for t in TARGETS}}
+# The joint phase with the paper's full Gumbel noise (the default samples with half of it).
+MSVIT_RECIPES["noise1_"] = ["--joint_gate_noise_scale", "1"]
+ONE_SEED = ("sampled_",)
+MSVIT_RECIPE_TARGETS = {"": TARGETS, "paper_": [0.5], "selected_": [0.5], "noisefree_": TARGETS, "noise1_": TARGETS}
+MSVIT_RECIPE_TARGETS.update(dict.fromkeys(ONE_SEED, TARGETS))
+MSVIT_RECIPE_SEEDS = {("noisefree_", 0.75): [0], **{(recipe, t): [0] for recipe in ONE_SEED for t in TARGETS}}
 MSVIT_PHASE_EPOCHS = 2 + 10  # the example's gate-only and joint epochs, for the fair baselines
 DIT_STEPS = {"sparse": 90 + 180}  # gate-only and joint steps of dit_study.py's recipe
 JOINT_LEARNING_RATE = 5e-4  # the example's default joint-phase learning rate
@@ -402,6 +408,7 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
     **{
         ("msvit", f"msvit_sampled_t{t}_"): (f"MSViT target {t}, sampled gate-only phase", f"fine {t}") for t in TARGETS
     },
+    **{("msvit", f"msvit_noise1_t{t}_"): (f"MSViT target {t}, joint noise 1", f"fine {t}") for t in TARGETS},
     ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
     **{("dit", f"sparse_b{b}_"): (f"DiT-b0 budget {b}", f"compute {b}") for b in BUDGETS},
     ("dit", "paper_b0.8_"): ("DiT-b0 budget 0.8, the paper's recipe", "compute 0.8"),

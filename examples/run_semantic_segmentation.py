@@ -76,6 +76,7 @@ from hf_msvit import (
     phases,
 )
 from hf_msvit import data as builtin_data
+from hf_msvit.models.msvit.convert_vit_to_msvit import JOINT_PHASE_NOISE_SCALE
 from hf_msvit.segmentation import (
     DynamicUperNetForSemanticSegmentation,
     SegmentationCollator,
@@ -164,6 +165,10 @@ class ModelArguments:
     joint_gate_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the gates in the joint phase (default: --gate_learning_rate; 0: frozen)."},
+    )
+    joint_gate_noise_scale: float | None = field(
+        default=None,
+        metadata={"help": "MSViT: `gate_noise_scale` of the joint phase (default: 1, sampled decisions)."},
     )
     gate_learning_rate: float = field(
         default=1e-2,
@@ -424,7 +429,11 @@ def train(model, is_static: bool, model_args: ModelArguments, runner: phases.Pha
         return model, done, backbone_eval
     model = upcycle(model, model_args)
     gate_length = phases.phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps)
-    joint = phases.JointPhase(gate_learning_rate=model_args.joint_gate_learning_rate)
+    noise = model_args.joint_gate_noise_scale
+    joint = phases.JointPhase(
+        gate_learning_rate=model_args.joint_gate_learning_rate,
+        gate_noise_scale=JOINT_PHASE_NOISE_SCALE if noise is None else noise,  # the gates are new: sampled decisions
+    )
     done.update(runner.train_gates_then_jointly(model, gate_length, model_args.gate_learning_rate, joint))
     return model, done, backbone_eval
 

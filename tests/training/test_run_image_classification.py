@@ -179,7 +179,7 @@ def test_upcycle_from_local_vit_checkpoint(script, tmp_path, recorded_phases):
     assert recorded_phases["gate"]["learning_rate"] == script.FRESH_MODEL_DEFAULTS["msvit"].gate_learning_rate
     # new gates learn on inference's decisions, the joint phase samples them; no calibration offset at inference
     assert json.loads((out / "phase-gate" / "final" / "config.json").read_text())["gate_noise_scale"] == 0.0
-    assert config["gate_noise_scale"] == script.JOINT_PHASE_NOISE_SCALE == 1.0
+    assert config["gate_noise_scale"] == script.JOINT_PHASE_NOISE_SCALE == 0.5
     assert config["gate_level_calibration"] is False
     # the backbone weights came from the ViT (the gate phase does not touch them)
     gate_phase = load_file(out / "phase-gate" / "final" / "model.safetensors")
