@@ -369,7 +369,8 @@ def render_table(payload: dict) -> str:
         "and 10 digits), digit IoU over the 10 digit classes, mean per-class accuracy; GMACs per image as mean ± "
         "standard deviation over the images (the bilinear upsampling of the logits not counted); token ratio: MSViT's "
         "fraction of regions tokenized fine, DiT's fraction of tokens computed. Training "
-        f"{payload['train_seconds'] / 60:.0f} min of process time in two parallel one-thread chains, wall clock "
+        f"{payload['train_seconds'] / 60:.0f} min of process time in two parallel one-thread chains; wall clock of "
+        "this invocation (finished runs skipped) "
         f"{payload['wall_seconds'] / 60:.0f} min{' (quick smoke run: not for quoting)' if payload['quick'] else ''}."
     )
     return head + "\n\n" + "\n".join(lines) + "\n"

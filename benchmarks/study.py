@@ -1,4 +1,4 @@
-"""The accuracy-compute study on the built-in data: one command, fixed seeds, about two hours on 2 CPU cores.
+"""The accuracy-compute study on the built-in data: one command, fixed seeds, about six hours on 2 CPU cores.
 
     python benchmarks/study.py             # everything -> benchmarks/study/{results.md,results.json,*.png}
     python benchmarks/study.py --quick     # a smoke run (minutes; numbers meaningless)
