@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from hf_msvit import MSViTConfig, MSViTForImageClassification, MSViTImageProcessor, MSViTModel
-from hf_msvit.models.msvit.convert_vit_to_msvit import UPCYCLING_DEFAULTS
+from hf_msvit.models.msvit.convert_vit_to_msvit import JOINT_PHASE_NOISE_SCALE
 from hf_msvit.models.msvit.modeling_msvit import MSViTLayer, partition_by_length
 
 from tiny_models import tiny_msvit_config
@@ -484,7 +484,7 @@ def test_gate_level_calibration_holds_the_target_fraction(target):
 
 
 NOISE_FREE = {"gate_noise_scale": 0.0}
-SAMPLED = {key: UPCYCLING_DEFAULTS[key] for key in ("gate_noise_scale", "gbas_prior_temperature")}
+SAMPLED = {"gate_noise_scale": JOINT_PHASE_NOISE_SCALE}  # the examples' joint phase
 
 
 def train_gate_from_bias(level_weight: float, target: float, steps: int = 120, decisions=NOISE_FREE):
@@ -514,7 +514,7 @@ def train_gate_from_bias(level_weight: float, target: float, steps: int = 120, d
     return sum(ratios[-steps // 4 :]) / (steps // 4), *inference
 
 
-@pytest.mark.parametrize("decisions", [NOISE_FREE, SAMPLED], ids=["noise-free", "sampled (upcycling defaults)"])
+@pytest.mark.parametrize("decisions", [NOISE_FREE, SAMPLED], ids=["noise-free", "sampled (joint phase)"])
 @pytest.mark.parametrize("target", [0.25, 0.5, 0.75])
 def test_level_term_brings_a_saturated_gate_to_the_target_in_training(target, decisions):
     """From bias -20 the GBaS loss on probabilities has no gradient left (sigmoid' ~ 2e-9): training decisions stay
