@@ -485,10 +485,15 @@ def main():
         "train_seconds": train_seconds([*static_runs.values(), *fair_dirs, *dynamic_runs.values()]),
         "wall_seconds": time.time() - started,
     }
+    write_outputs(payload, out, dynamic_runs, splits["test"])
+
+
+def write_outputs(payload: dict, out: Path, dynamic_runs: dict, test: Split):
+    """results.json, results.md, the accuracy-vs-GMACs plot and the gate pictures, into `out`."""
     write_atomic(out / "results.json", json.dumps(payload, indent=1))
     write_atomic(out / "results.md", render_tables(payload))
     plot(payload, out / "accuracy_vs_gmacs.png")
-    pictures(dynamic_runs, splits["test"], out)
+    pictures(dynamic_runs, test, out)
     print((out / "results.md").read_text())
 
 

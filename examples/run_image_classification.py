@@ -28,7 +28,7 @@ The run is a sequence of phases, each one `Trainer` run with its own folder unde
 3. `phase-gate`: `--gate_only_epochs` with the backbone and head frozen, only the gates learn (`--gate_learning_rate`).
 4. `phase-joint`: `--num_train_epochs` of joint fine-tuning of everything: `--learning_rate` for the backbone and
    head, `--gate_learning_rate` for the gates. New MSViT gates learn on inference's decisions in phase 3 and the
-   joint phase samples them (`--joint_gate_noise_scale`, 1 by default for new gates).
+   joint phase samples them (`--joint_gate_noise_scale`, 0.5 by default for new gates).
 
 Defaults that depend on the model type when training from scratch (backbone and gate learning rates, gate settings)
 live in one place, `FRESH_MODEL_DEFAULTS`; command-line values always win.
@@ -221,7 +221,7 @@ class ModelArguments:
     joint_gate_noise_scale: float | None = field(
         default=None,
         metadata={
-            "help": "MSViT: `gate_noise_scale` of the joint phase (default: 1, sampled decisions, for new gates; "
+            "help": "MSViT: `gate_noise_scale` of the joint phase (default: 0.5, sampled decisions, for new gates; "
             "the config's for an MSViT checkpoint)."
         },
     )

@@ -168,7 +168,7 @@ class ModelArguments:
     )
     joint_gate_noise_scale: float | None = field(
         default=None,
-        metadata={"help": "MSViT: `gate_noise_scale` of the joint phase (default: 1, sampled decisions)."},
+        metadata={"help": "MSViT: `gate_noise_scale` of the joint phase (default: 0.5, sampled decisions)."},
     )
     gate_learning_rate: float = field(
         default=1e-2,
