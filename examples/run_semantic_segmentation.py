@@ -285,9 +285,8 @@ GATE_DEFAULTS = {
 }  # fmt: skip
 # DiT trains every node of its grid here (`sparse_training=False`, not the upcycling default): with sparse training a
 # stage or edge that closes for a whole batch gets no gradient from the pixel loss, only the budget loss's, which keeps
-# it closed. In the segmentation study's gate-only phase (gate lr 1e-2) the first downsampling edge closed that way:
-# PVTv2's stages 2-4 stopped running, the dynamic model fell to 0.57 test mean IoU at budget 0.8 (0.62 on the static
-# route, 0.79 before upcycling); trained densely, 0.73 (0.72 on the static route), the joint phase 1.45x as long.
+# it closed. In the segmentation study's gate-only phase (gate lr 1e-2) the first downsampling edge closed that way and
+# PVTv2's stages 2-4 stopped running (docs/segmentation.md has the study's numbers with and without).
 BUDGET_DEFAULTS = {"budget_target": 0.7, "budget_loss_weight": 10.0, "sparse_training": False}
 
 
