@@ -87,6 +87,28 @@ def test_pixel_loss_alone_trains_the_gate():
     assert model.msvit.embeddings.gate.layers[0].weight.grad.abs().sum() > 0
 
 
+def test_each_gate_learns_what_the_other_tokenization_would_give_its_own_pixels():
+    """Masked-attention training: restoring the tokens on the fine grid is a hard choice, and the gate still gets, per
+    region, the gradient of swapping it: `<grad, fine token - coarse token>` summed over its patches. The values are
+    those of the kept tokens alone."""
+    model = tiny_segmenter(gbas_loss_weight=0.0, gate_noise_scale=0.0).train()
+    outputs = model.msvit(pixels())
+    hidden, fine = outputs.last_hidden_state.detach(), outputs.fine_region_mask
+    assert 0 < fine.float().mean() < 1  # both tokenizations present
+    values = outputs.gate_values.detach().requires_grad_(True)
+    plain = model.msvit.fine_grid_features(hidden, fine)
+    grid = model.msvit.fine_grid_features(hidden, fine, values)
+    assert torch.equal(grid, plain)
+    weights = torch.randn_like(grid)
+    (grid * weights).sum().backward()
+    fine_tokens = hidden[:, 1 + 16 :].transpose(1, 2).reshape(3, 32, 8, 8)
+    coarse_tokens = hidden[:, 1:17].transpose(1, 2).reshape(3, 32, 4, 4)
+    coarse_tokens = coarse_tokens.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    per_patch = (weights * (fine_tokens - coarse_tokens)).sum(1)  # (3, 8, 8)
+    expected = per_patch.reshape(3, 4, 2, 4, 2).sum((2, 4))
+    torch.testing.assert_close(values.grad, expected)
+
+
 def test_macs_count_the_decoder_on_the_kept_tokens():
     model = tiny_segmenter().eval()
     with torch.no_grad():

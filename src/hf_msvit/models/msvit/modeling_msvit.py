@@ -76,7 +76,7 @@ class MSViTModelOutput(BaseModelOutputWithPooling):
         Final hidden states. Each image's tokens are `[CLS, kept coarse tokens, kept fine tokens]` (each group in
         raster order), padded with zeros up to the longest image of the batch; see `attention_mask`. In training with
         `gate_training_mode="masked_attention"` every image holds `[CLS, all coarse tokens, all fine tokens]` and
-        `attention_mask` marks the kept ones.
+        `attention_mask` marks the kept ones (a dropped token holds the other tokenization of its region).
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         The CLS token after the pooler (if the model has one).
     attention_mask (`torch.LongTensor` of shape `(batch_size, max_num_tokens)`):
@@ -92,6 +92,9 @@ class MSViTModelOutput(BaseModelOutputWithPooling):
     macs (`torch.FloatTensor` of shape `(batch_size,)`):
         Multiply-accumulates of the chosen tokenization per image (analytic: gate, patch embedding, encoder, pooler):
         what inference with these decisions computes.
+    gate_values (`torch.FloatTensor` of shape `(batch_size, coarse_height, coarse_width)`, *optional*):
+        Training only: the decisions as 0/1 floats that carry the gate's straight-through gradient. Dense heads pass
+        them to `fine_grid_features`, so the gate learns what each region's own tokens do for the pixels it covers.
     """
 
     attention_mask: torch.LongTensor | None = None
@@ -100,6 +103,7 @@ class MSViTModelOutput(BaseModelOutputWithPooling):
     fine_region_mask: torch.BoolTensor | None = None
     num_tokens: torch.LongTensor | None = None
     macs: torch.FloatTensor | None = None
+    gate_values: torch.FloatTensor | None = None
 
 
 # The gate outputs of every MSViT head (classifier, segmenter, backbone): one definition.
@@ -706,14 +710,15 @@ class MSViTModel(MSViTPreTrainedModel):
 
     def _encode_all(self, tokens: MSViTTokens, **kwargs):
         """Masked-attention training: `[CLS, every coarse token, every fine token]`, attention keys weighted by the
-        gate decisions. Kept tokens compute exactly what the selected layout computes; dropped ones are zeroed."""
+        gate decisions. Kept tokens compute exactly what the selected layout computes; a dropped token holds the other
+        tokenization of its region (attending to the kept tokens), which `fine_grid_features` needs for the gate's
+        gradient; `attention_mask` marks the kept ones."""
         batch_size = tokens.tokens.shape[0]
         hidden_states = torch.cat([tokens.cls.expand(batch_size, 1, -1), tokens.tokens], dim=1)
         hidden_states = self.embeddings.dropout(hidden_states)
         for layer in self.layers:
             hidden_states = layer(hidden_states, None, tokens.key_weights, **kwargs)
-        kept = (tokens.key_weights.detach() > 0.5).long()
-        return self.layernorm(hidden_states) * kept[..., None].to(hidden_states.dtype), kept
+        return self.layernorm(hidden_states), (tokens.key_weights.detach() > 0.5).long()
 
     def _run_layers(self, hidden_states, padding_mask, packed_image_ids, **kwargs):
         hidden_states = self.embeddings.dropout(hidden_states)
@@ -823,7 +828,7 @@ class MSViTModel(MSViTPreTrainedModel):
             mode = self._batching_mode(kwargs)
             sequence_output, attention_mask = self.encode(tokens, mode, **kwargs)
         coarse_h, coarse_w = self.config.coarse_grid
-        probs = tokens.decisions.probs
+        probs, values = tokens.decisions.probs, tokens.decisions.values
         return MSViTModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=self.pooler(sequence_output) if self.pooler is not None else None,
@@ -833,13 +838,18 @@ class MSViTModel(MSViTPreTrainedModel):
             fine_region_mask=tokens.decisions.fine.reshape(-1, coarse_h, coarse_w),
             num_tokens=tokens.lengths + 1,
             macs=self.token_macs(tokens),
+            gate_values=None if values is None else values.reshape(-1, coarse_h, coarse_w),
         )
 
-    def fine_grid_features(self, last_hidden_state: torch.Tensor, fine_region_mask: torch.Tensor) -> torch.Tensor:
+    def fine_grid_features(
+        self, last_hidden_state: torch.Tensor, fine_region_mask: torch.Tensor, gate_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Puts the encoder's tokens back on the fine patch grid: `(batch, hidden, fine_height, fine_width)`, each fine
         region's tokens at their patches and each coarse token copied onto the fine patches of its region (the
         mixed-scale tokens "restored" for dense heads). Works with both layouts of `last_hidden_state`: the selected
         tokens (`[CLS, kept coarse, kept fine]`, padded) and masked-attention training's `[CLS, all coarse, all fine]`.
+        In the masked layout, `gate_values` (the output's straight-through decisions) give each region's gate the
+        gradient of choosing the other tokenization for its own patches, `<grad, fine - coarse>` (values unchanged).
         """
         config = self.config
         batch_size = last_hidden_state.shape[0]
@@ -856,8 +866,16 @@ class MSViTModel(MSViTPreTrainedModel):
             coarse_rank = (~fine).cumsum(1) - 1
             coarse_position = 1 + coarse_rank[:, region_of_patch]
             fine_position = 1 + (~fine).sum(1, keepdim=True) + keep_fine.cumsum(1) - 1
+        hidden_size = last_hidden_state.shape[-1]
         position = torch.where(keep_fine, fine_position, coarse_position)
-        grid = last_hidden_state.gather(1, position[..., None].expand(-1, -1, last_hidden_state.shape[-1]))
+        grid = last_hidden_state.gather(1, position[..., None].expand(-1, -1, hidden_size))
+        if gate_values is not None and last_hidden_state.shape[1] == 1 + num_regions + fine_h * fine_w:
+            # Exactly 0 in the forward; backward, each patch's value gets <grad, fine token - its coarse token>. The
+            # restoration itself is a hard choice: without this term the gate would not see its region's own pixels.
+            values = expand_region_mask(gate_values.reshape(batch_size, coarse_h, coarse_w), self.embeddings.ratio)
+            fine_tokens = last_hidden_state[:, 1 + num_regions :]
+            coarse_tokens = last_hidden_state[:, 1:][:, region_of_patch]
+            grid = grid + (fine_tokens - coarse_tokens) * (values - values.detach())[..., None].to(grid.dtype)
         return grid.transpose(1, 2).reshape(batch_size, -1, fine_h, fine_w)
 
     def _tokenization_macs(self, grid: tuple[int, int]) -> float:
@@ -995,7 +1013,7 @@ class MSViTForSemanticSegmentation(MSViTPreTrainedModel):
             )
         outputs = self._run_msvit(pixel_values, fine_region_mask, gate_threshold, fine_region_budget, **kwargs)
         token_logits = self.decode_head(outputs.last_hidden_state)
-        grid_logits = self.msvit.fine_grid_features(token_logits, outputs.fine_region_mask)
+        grid_logits = self.msvit.fine_grid_features(token_logits, outputs.fine_region_mask, outputs.gate_values)
         logits = F.interpolate(grid_logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
 
         loss = None
@@ -1084,7 +1102,7 @@ class MSViTBackbone(BackboneMixin, MSViTModel):
             **kwargs,
         )
         feature_maps = tuple(
-            self.fine_grid_features(self.layernorm(hidden_state), outputs.fine_region_mask)
+            self.fine_grid_features(self.layernorm(hidden_state), outputs.fine_region_mask, outputs.gate_values)
             for stage, hidden_state in zip(self.stage_names, outputs.hidden_states)
             if stage in self.out_features
         )
