@@ -445,12 +445,16 @@ def summarize(dynamic: dict) -> list[dict]:
     return rows
 
 
-def main():
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: a few steps per phase")
     parser.add_argument("--output", default=str(HERE / "study"))
     parser.add_argument("--finished-only", action="store_true", help="evaluate only the runs that finished")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = parse_arguments()
     global FINISHED_ONLY
     FINISHED_ONLY = args.finished_only
     started = time.time()

@@ -860,22 +860,20 @@ class MSViTModel(MSViTPreTrainedModel):
         region_ids = torch.arange(num_regions, device=fine.device).reshape(1, coarse_h, coarse_w)
         region_of_patch = expand_region_mask(region_ids, self.embeddings.ratio)[0]  # (fine patches,)
         if last_hidden_state.shape[1] == 1 + num_regions + fine_h * fine_w:  # every token of both tokenizations
-            coarse_position = 1 + region_of_patch.expand(batch_size, -1)
-            fine_position = 1 + num_regions + torch.arange(fine_h * fine_w, device=fine.device).expand(batch_size, -1)
+            fine_tokens = last_hidden_state[:, 1 + num_regions :]
+            coarse_tokens = last_hidden_state[:, 1:][:, region_of_patch]
+            grid = torch.where(keep_fine[..., None], fine_tokens, coarse_tokens)
+            if gate_values is not None:
+                # Exactly 0 in the forward; backward, each patch's value gets <grad, fine token - its coarse token>.
+                # The restoration itself is a hard choice: without this term the gate would not see its own pixels.
+                values = expand_region_mask(gate_values.reshape(batch_size, coarse_h, coarse_w), self.embeddings.ratio)
+                grid = grid + (fine_tokens - coarse_tokens) * (values - values.detach())[..., None].to(grid.dtype)
         else:
             coarse_rank = (~fine).cumsum(1) - 1
             coarse_position = 1 + coarse_rank[:, region_of_patch]
             fine_position = 1 + (~fine).sum(1, keepdim=True) + keep_fine.cumsum(1) - 1
-        hidden_size = last_hidden_state.shape[-1]
-        position = torch.where(keep_fine, fine_position, coarse_position)
-        grid = last_hidden_state.gather(1, position[..., None].expand(-1, -1, hidden_size))
-        if gate_values is not None and last_hidden_state.shape[1] == 1 + num_regions + fine_h * fine_w:
-            # Exactly 0 in the forward; backward, each patch's value gets <grad, fine token - its coarse token>. The
-            # restoration itself is a hard choice: without this term the gate would not see its region's own pixels.
-            values = expand_region_mask(gate_values.reshape(batch_size, coarse_h, coarse_w), self.embeddings.ratio)
-            fine_tokens = last_hidden_state[:, 1 + num_regions :]
-            coarse_tokens = last_hidden_state[:, 1:][:, region_of_patch]
-            grid = grid + (fine_tokens - coarse_tokens) * (values - values.detach())[..., None].to(grid.dtype)
+            position = torch.where(keep_fine, fine_position, coarse_position)
+            grid = last_hidden_state.gather(1, position[..., None].expand(-1, -1, last_hidden_state.shape[-1]))
         return grid.transpose(1, 2).reshape(batch_size, -1, fine_h, fine_w)
 
     def _tokenization_macs(self, grid: tuple[int, int]) -> float:
