@@ -42,6 +42,9 @@ OUT = HERE / "segmentation_study"
 FAMILIES = ("msvit", "dit")
 MSVIT_TARGETS = (0.25, 0.5)
 DIT_BUDGETS = (0.8, 0.6)
+# reported as mean [min-max] over the seeds
+TRAINING_RATIOS = ("train_fine_ratio_gate_phase", "train_fine_ratio_joint_phase")
+SPREAD_KEYS = ("mean_iou", "token_ratio", "validation_mean_iou", *TRAINING_RATIOS)
 SEEDS = (0, 1, 2)  # of the dynamic runs (upcycled from the one static model of each chain, trained with seed 0)
 
 
@@ -294,6 +297,8 @@ def run_family(family: str, out: Path, quick: bool, seed: int) -> None:
     for run in chain:
         rows += evaluate_run(run, runs, splits, out / f"{family}_segmentation.png")
     payload = {"family": family, "train_seconds": train_seconds, "eval_seconds": time.time() - started, "rows": rows}
+    if family == "msvit":
+        payload["digit_region_fraction"] = digit_region_fraction(splits["test"])
     write_atomic(out / f"rows_{family}.json", json.dumps(payload, indent=1))
 
 
@@ -314,10 +319,28 @@ def evaluate_run(run: Run, runs: Path, splits: dict, picture_path: Path) -> list
         validation = evaluate(variant, processor, splits["validation"], len(SEGMENTATION_LABELS), **kwargs)
         rows.append({"name": name, "family": family, "seed": run.seed, **result,
                      "validation_mean_iou": validation["mean_iou"]})  # fmt: skip
+        if family == "msvit":
+            rows[-1].update(training_ratios(runs / run.folder))
         print(json.dumps(rows[-1]), flush=True)
     if run.picture:
         pictures(model, processor, splits["test"], picture_path, run.name)
     return rows
+
+
+def training_ratios(folder: Path) -> dict:
+    """MSViT's fine ratio of the training decisions, mean over each phase (the trainer's `train_fine_region_ratio`),
+    to set beside the target: the gate-only phase's (inference's decisions) and the joint phase's (sampled)."""
+    logged = json.loads((folder / "all_results.json").read_text())
+    return {"train_fine_ratio_gate_phase": logged["gate_phase_train_fine_region_ratio"],
+            "train_fine_ratio_joint_phase": logged["train_fine_region_ratio"]}  # fmt: skip
+
+
+def digit_region_fraction(dataset, coarse_patch_size: int = 16) -> float:
+    """Fraction of MSViT's coarse regions (16 px here) holding at least one digit pixel: how many regions a gate that
+    found every digit would need fine."""
+    labels = torch.tensor(np.stack([np.asarray(label) for label in dataset["label"]])).long()
+    digit = ((labels > 0) & (labels != 255)).float()
+    return float((torch.nn.functional.max_pool2d(digit[:, None], coarse_patch_size) > 0).float().mean())
 
 
 def over_seeds(rows: list[dict]) -> list[dict]:
@@ -330,7 +353,7 @@ def over_seeds(rows: list[dict]) -> list[dict]:
             if isinstance(value, float):
                 values = [item[key] for item in group]
                 row[key] = float(np.mean(values))
-                if key in ("mean_iou", "token_ratio", "validation_mean_iou") and len(group) > 1:
+                if key in SPREAD_KEYS and len(group) > 1:
                     row[key + "_min"], row[key + "_max"] = float(min(values)), float(max(values))
         merged.append(row)
     return merged
@@ -354,21 +377,27 @@ def spread(row: dict, key: str, digits: int = 3) -> str:
 
 def render_table(payload: dict) -> str:
     lines = [
-        "| model | mean IoU | digit IoU | mean accuracy | GMACs / image | backbone GMACs | token ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| model | mean IoU | digit IoU | mean accuracy | GMACs / image | backbone GMACs | token ratio "
+        "| training ratio (gate / joint phase) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["rows"]:
         ratio = "-" if math.isnan(row["token_ratio"]) else spread(row, "token_ratio", 2)
+        training = "-"
+        if "train_fine_ratio_gate_phase" in row:
+            training = " / ".join(spread(row, key, 2) for key in TRAINING_RATIOS)
         lines.append(
             f"| {row['name']} | {spread(row, 'mean_iou')} | {row['digit_iou']:.3f} | {row['mean_accuracy']:.3f} | "
-            f"{row['gmacs']:.4f} ± {row['gmacs_std']:.4f} | {row['backbone_gmacs']:.4f} | {ratio} |"
+            f"{row['gmacs']:.4f} ± {row['gmacs_std']:.4f} | {row['backbone_gmacs']:.4f} | {ratio} | {training} |"
         )
     head = (
         f"Test images: {payload['rows'][0]['num_images']} (96x96); dynamic rows: mean [min-max] over seeds "
         f"{payload['seeds']}; the static models trained once (seed 0). Mean IoU over the 11 classes (background "
         "and 10 digits), digit IoU over the 10 digit classes, mean per-class accuracy; GMACs per image as mean ± "
         "standard deviation over the images (the bilinear upsampling of the logits not counted); token ratio: MSViT's "
-        "fraction of regions tokenized fine, DiT's fraction of tokens computed. Training "
+        "fraction of regions tokenized fine, DiT's fraction of tokens computed; training ratio: MSViT's fine ratio of "
+        "the training decisions, mean over each phase. Regions (16 px) with a digit pixel: "
+        f"{payload['digit_region_fraction']:.3f} of the test split's. Training "
         f"{payload['train_seconds'] / 60:.0f} min of process time in two parallel one-thread chains; wall clock of "
         "this invocation (finished runs skipped) "
         f"{payload['wall_seconds'] / 60:.0f} min{' (quick smoke run: not for quoting)' if payload['quick'] else ''}."
@@ -429,6 +458,7 @@ def main():
         "train_seconds": sum(part["train_seconds"] for part in parts),
         "split": "test",
         "seeds": list(SEEDS[:1] if args.quick else SEEDS),
+        "digit_region_fraction": parts[FAMILIES.index("msvit")]["digit_region_fraction"],
         "rows": over_seeds([row for part in parts for row in part["rows"]]),
         "runs": [row for part in parts for row in part["rows"]],
     }
