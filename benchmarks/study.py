@@ -18,7 +18,10 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
    paper's (GBaS on the sampled decisions, learned prior temperatures with the notebook's L1, no calibration, no
    level term) at 0.5, 3 seeds; the former defaults (noise-free decisions in the joint phase too, calibrated) at every
    target; sampled decisions in the gate-only phase too (one seed per target); the joint phase with the full Gumbel
-   noise (3 seeds per target); and the cheaper joint phase (the selected tokens only, gates frozen) at 0.5, 3 seeds.
+   noise (3 seeds per target); and the cheaper joint phase (the selected tokens only, gates frozen) at every target.
+   An upcycled gate's GBaS weight is 0.3 by default; the former default, 1, has its own rows ("GBaS weight 1"), and
+   the other recipes were measured at 1 (their labels say so; the selected-tokens phase at both). The main job keeps
+   weight 1 for its fresh run; its rows with 0.3 beside it.
    Every model also evaluated with `gate_threshold` swept, with its level calibration switched off, and on two
    other distributions (blank canvases; scikit-learn's two photographs cut into 96 px tiles).
 4. DiT-b0 upcycled from PVTv2-b0 with the package's recipe at budgets 0.6 and 0.8 (3 seeds each), its row-gate
@@ -53,21 +56,27 @@ SWEEPS = {
     "pvt_b0": [3e-4, 6e-4, 1.2e-3],
 }
 TARGETS, BUDGETS, SEEDS = [0.25, 0.5, 0.75], [0.6, 0.8], [0, 1, 2]
+# Every recipe but the defaults names the GBaS weight it was measured at: 1, the upcycling default until GBaS 0.3 (the
+# "GBaS weight 1" rows) beat it on validation at every target.
+FORMER_GBAS = ["--gbas_loss_weight", "1"]
 MSVIT_RECIPES = {
     "": [],  # the example's defaults
+    "gbas1_": FORMER_GBAS,
     "paper_": ["--config_overrides", "gbas_input=samples,gbas_learn_prior_temperature=true,gbas_prior_temperature=0.5,"
-               "gbas_temperature_l1_weight=0.1,gate_level_calibration=false,gate_noise_scale=1,gate_level_loss_weight=0"],
+               "gbas_temperature_l1_weight=0.1,gate_level_calibration=false,gate_noise_scale=1,gate_level_loss_weight=0",
+               *FORMER_GBAS],
 }  # fmt: skip
 MSVIT_RECIPES["selected_"] = ["--joint_gate_training_mode", "straight_through", "--joint_gate_learning_rate", "0"]
+MSVIT_RECIPES["selected_gbas1_"] = [*FORMER_GBAS, *MSVIT_RECIPES["selected_"]]
 # The former defaults: noise-free decisions in the joint phase too, calibrated (the level term was unbounded then).
-MSVIT_RECIPES["noisefree_"] = ["--config_overrides", "gate_level_calibration=true", "--joint_gate_noise_scale", "0"]
+MSVIT_RECIPES["noisefree_"] = [*FORMER_GBAS, "--config_overrides", "gate_level_calibration=true",
+                               "--joint_gate_noise_scale", "0"]  # fmt: skip
 # Sampled decisions in the gate-only phase too (one seed: at 0.5 that gate learned nothing, see docs/msvit.md).
-MSVIT_RECIPES["sampled_"] = ["--config_overrides", "gate_noise_scale=1"]
+MSVIT_RECIPES["sampled_"] = [*FORMER_GBAS, "--config_overrides", "gate_noise_scale=1"]
 # The joint phase with the paper's full Gumbel noise (the default samples with half of it).
-MSVIT_RECIPES["noise1_"] = ["--joint_gate_noise_scale", "1"]
+MSVIT_RECIPES["noise1_"] = [*FORMER_GBAS, "--joint_gate_noise_scale", "1"]
 ONE_SEED = ("sampled_",)
-MSVIT_RECIPE_TARGETS = {"": TARGETS, "paper_": [0.5], "selected_": [0.5], "noisefree_": TARGETS, "noise1_": TARGETS}
-MSVIT_RECIPE_TARGETS.update(dict.fromkeys(ONE_SEED, TARGETS))
+MSVIT_RECIPE_TARGETS = dict.fromkeys(MSVIT_RECIPES, TARGETS) | {"paper_": [0.5]}
 MSVIT_RECIPE_SEEDS = {("noisefree_", 0.75): [0], **{(recipe, t): [0] for recipe in ONE_SEED for t in TARGETS}}
 MSVIT_PHASE_EPOCHS = 2 + 10  # the example's gate-only and joint epochs, for the fair baselines
 DIT_STEPS = {"sparse": 90 + 180}  # gate-only and joint steps of dit_study.py's recipe
@@ -156,7 +165,12 @@ def msvit_jobs(runs: Path, vit16: Path, quick: bool) -> dict:
 def main_job_jobs(runs: Path, quick: bool) -> dict:
     """The README's main job (a fresh ViT/16 trained, then upcycled, all at the example's defaults), per seed."""
     length = ["--backbone_max_steps", "3", "--gate_only_max_steps", "3", "--max_steps", "3"] if quick else []
-    return {f"main_s{seed}": (runs / f"main_s{seed}", ["--seed", str(seed), *length]) for seed in SEEDS}
+    jobs = {f"main_s{seed}": (runs / f"main_s{seed}", ["--seed", str(seed), *length]) for seed in SEEDS}
+    # the same with the upcycling default's weaker GBaS (the example keeps weight 1 for a fresh run: these rows)
+    for seed in SEEDS:
+        args = ["--seed", str(seed), "--gbas_loss_weight", "0.3", *length]
+        jobs[f"fresh_gbas0.3_s{seed}"] = (runs / f"fresh_gbas0.3_s{seed}", args)
+    return jobs
 
 
 def dit_jobs(runs: Path, pvt: Path, quick: bool) -> dict:
@@ -403,13 +417,32 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
 GROUPS = {  # summary row: (family, name prefix, label, target label)
     **{("msvit", f"msvit_t{t}_"): (f"MSViT target {t} (example defaults)", f"fine {t}") for t in TARGETS},
     ("msvit", "msvit_paper_t0.5_"): ("MSViT target 0.5, the paper's recipe", "fine 0.5"),
-    ("msvit", "msvit_selected_t0.5_"): ("MSViT target 0.5, joint: selected tokens, gates frozen", "fine 0.5"),
-    **{("msvit", f"msvit_noisefree_t{t}_"): (f"MSViT target {t}, former defaults", f"fine {t}") for t in TARGETS},
     **{
-        ("msvit", f"msvit_sampled_t{t}_"): (f"MSViT target {t}, sampled gate-only phase", f"fine {t}") for t in TARGETS
+        ("msvit", f"msvit_selected_t{t}_"): (f"MSViT target {t}, joint: selected tokens, gates frozen", f"fine {t}")
+        for t in TARGETS
     },
-    **{("msvit", f"msvit_noise1_t{t}_"): (f"MSViT target {t}, joint noise 1", f"fine {t}") for t in TARGETS},
+    **{
+        ("msvit", f"msvit_selected_gbas1_t{t}_"): (
+            f"MSViT target {t}, GBaS 1, joint: selected tokens, gates frozen",
+            f"fine {t}",
+        )
+        for t in TARGETS
+    },
+    **{
+        ("msvit", f"msvit_noisefree_t{t}_"): (f"MSViT target {t}, former defaults (GBaS 1)", f"fine {t}")
+        for t in TARGETS
+    },
+    **{
+        ("msvit", f"msvit_sampled_t{t}_"): (f"MSViT target {t}, GBaS 1, sampled gate-only phase", f"fine {t}")
+        for t in TARGETS
+    },
+    **{("msvit", f"msvit_noise1_t{t}_"): (f"MSViT target {t}, GBaS 1, joint noise 1", f"fine {t}") for t in TARGETS},
+    **{
+        ("msvit", f"msvit_gbas1_t{t}_"): (f"MSViT target {t}, GBaS weight 1 (former default)", f"fine {t}")
+        for t in TARGETS
+    },
     ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
+    ("msvit", "fresh_gbas0.3_"): ("The main job with GBaS weight 0.3", "fine 0.25"),
     **{("dit", f"sparse_b{b}_"): (f"DiT-b0 budget {b}", f"compute {b}") for b in BUDGETS},
     ("dit", "paper_b0.8_"): ("DiT-b0 budget 0.8, the paper's recipe", "compute 0.8"),
 }
@@ -426,7 +459,7 @@ def summarize(dynamic: dict) -> list[dict]:
         runs = [r for n, r in dynamic.items() if n.startswith(prefix)]
         if not runs:
             continue
-        target = 0.25 if prefix == "main_" else float(prefix.rstrip("_").split("_")[-1][1:])
+        target = 0.25 if prefix in ("main_", "fresh_gbas0.3_") else float(prefix.rstrip("_").split("_")[-1][1:])
         label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         row = {"family": family, "target": target, "seeds": len(runs), "label": label, "target_label": target_label}
         for key, values in [(k, [r["eval"][k] for r in runs]) for k in SPREAD_KEYS] + [

@@ -17,7 +17,8 @@ MSViT keeps ViT's parameter names, so the conversion is a prefix rename (`vit.` 
 learned GBaS priors are new; with every region forced fine, the converted model computes exactly the ViT.
 
 Unless told otherwise (`UPCYCLING_DEFAULTS`), an upcycled gate learns on the decisions inference takes
-(`gate_noise_scale=0`) with the level term holding its own level at the target (`gate_level_loss_weight=1`), and
+(`gate_noise_scale=0`) with the level term holding its own level at the target (`gate_level_loss_weight=1`) and GBaS
+at weight 0.3 (at 1 it ordered the gates more than the task did: lower accuracy at every target, on validation), and
 inference subtracts no calibration offset; the examples' joint phase then samples the decisions
 (`JOINT_PHASE_NOISE_SCALE`). Why: docs/msvit.md, "The level and the training decisions", and the study's MSViT rows.
 """
@@ -47,7 +48,9 @@ SHARED_FIELDS = (
     "id2label",
     "label2id",
 )
-UPCYCLING_DEFAULTS = {"gate_noise_scale": 0.0, "gate_level_loss_weight": 1.0, "gate_level_calibration": False}
+UPCYCLING_DEFAULTS = {
+    "gate_noise_scale": 0.0, "gate_level_loss_weight": 1.0, "gate_level_calibration": False, "gbas_loss_weight": 0.3,
+}  # fmt: skip
 # The joint phase's training decisions once the gate has learned where to look: sampled, so the backbone is fine-tuned
 # on token mixes around the gate's level, not on one decision boundary (the examples' default). Half the Gumbel noise:
 # at 1 the sampled ratio drifted 0.08 from a 0.25 target (logistic noise pulls it to 0.5); at 0.5, within 0.05.
