@@ -18,7 +18,8 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
    paper's (GBaS on the sampled decisions, learned prior temperatures with the notebook's L1, no calibration, no
    level term) at 0.5, 3 seeds; the former defaults (noise-free decisions in the joint phase too, calibrated) at every
    target; sampled decisions in the gate-only phase too (one seed per target); the joint phase with the full Gumbel
-   noise (3 seeds per target); and the cheaper joint phase (the selected tokens only, gates frozen) at every target.
+   noise (3 seeds per target); and the cheaper joint phase (the selected tokens only, gates frozen) at every target
+   (and at 0.25 with the level calibrated).
    An upcycled gate's GBaS weight is 0.3 by default; the former default, 1, has its own rows ("GBaS weight 1"), and
    the other recipes were measured at 1 (their labels say so; the selected-tokens phase at both). The main job keeps
    weight 1 for its fresh run; its rows with 0.3 beside it.
@@ -68,6 +69,8 @@ MSVIT_RECIPES = {
 }  # fmt: skip
 MSVIT_RECIPES["selected_"] = ["--joint_gate_training_mode", "straight_through", "--joint_gate_learning_rate", "0"]
 MSVIT_RECIPES["selected_gbas1_"] = [*FORMER_GBAS, *MSVIT_RECIPES["selected_"]]
+# The same with the level calibrated: frozen gates keep the gate-only phase's level, which weak GBaS holds loosely.
+MSVIT_RECIPES["selectedcal_"] = [*MSVIT_RECIPES["selected_"], "--config_overrides", "gate_level_calibration=true"]
 # The former defaults: noise-free decisions in the joint phase too, calibrated (the level term was unbounded then).
 MSVIT_RECIPES["noisefree_"] = [*FORMER_GBAS, "--config_overrides", "gate_level_calibration=true",
                                "--joint_gate_noise_scale", "0"]  # fmt: skip
@@ -76,7 +79,7 @@ MSVIT_RECIPES["sampled_"] = [*FORMER_GBAS, "--config_overrides", "gate_noise_sca
 # The joint phase with the paper's full Gumbel noise (the default samples with half of it).
 MSVIT_RECIPES["noise1_"] = [*FORMER_GBAS, "--joint_gate_noise_scale", "1"]
 ONE_SEED = ("sampled_",)
-MSVIT_RECIPE_TARGETS = dict.fromkeys(MSVIT_RECIPES, TARGETS) | {"paper_": [0.5]}
+MSVIT_RECIPE_TARGETS = dict.fromkeys(MSVIT_RECIPES, TARGETS) | {"paper_": [0.5], "selectedcal_": [0.25]}
 MSVIT_RECIPE_SEEDS = {("noisefree_", 0.75): [0], **{(recipe, t): [0] for recipe in ONE_SEED for t in TARGETS}}
 MSVIT_PHASE_EPOCHS = 2 + 10  # the example's gate-only and joint epochs, for the fair baselines
 DIT_STEPS = {"sparse": 90 + 180}  # gate-only and joint steps of dit_study.py's recipe
@@ -421,6 +424,10 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
         ("msvit", f"msvit_selected_t{t}_"): (f"MSViT target {t}, joint: selected tokens, gates frozen", f"fine {t}")
         for t in TARGETS
     },
+    ("msvit", "msvit_selectedcal_t0.25_"): (
+        "MSViT target 0.25, joint: selected tokens, gates frozen, calibrated",
+        "fine 0.25",
+    ),
     **{
         ("msvit", f"msvit_selected_gbas1_t{t}_"): (
             f"MSViT target {t}, GBaS 1, joint: selected tokens, gates frozen",
