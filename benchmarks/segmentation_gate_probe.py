@@ -54,9 +54,7 @@ def gate_scores(model, processor, dataset) -> dict:
         images = [image.convert("RGB") for image in rows["image"]]
         batch = processor(images, segmentation_maps=[np.asarray(m) for m in rows["label"]], return_tensors="pt")
         outputs = model(batch["pixel_values"])
-        labels = batch["labels"]
-        pixels = ((labels > 0) & (labels != 255)).float()[:, None]
-        digit.append(torch.nn.functional.max_pool2d(pixels, model.config.coarse_patch_size).flatten() > 0)
+        digit.append(study.digit_regions(batch["labels"], model.config.coarse_patch_size).flatten())
         probs.append(outputs.gate_probs.flatten())
         fine.append(outputs.fine_region_mask.flatten())
     probs, fine, digit = torch.cat(probs), torch.cat(fine).float(), torch.cat(digit)

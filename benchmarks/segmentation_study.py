@@ -335,12 +335,17 @@ def training_ratios(folder: Path) -> dict:
             "train_fine_ratio_joint_phase": logged["train_fine_region_ratio"]}  # fmt: skip
 
 
+def digit_regions(labels: torch.Tensor, coarse_patch_size: int) -> torch.Tensor:
+    """`(batch, H / c, W / c)` bool: the coarse regions of label maps `(batch, H, W)` holding a digit pixel."""
+    digit = ((labels > 0) & (labels != 255)).float()
+    return torch.nn.functional.max_pool2d(digit[:, None], coarse_patch_size)[:, 0] > 0
+
+
 def digit_region_fraction(dataset, coarse_patch_size: int = 16) -> float:
     """Fraction of MSViT's coarse regions (16 px here) holding at least one digit pixel: how many regions a gate that
     found every digit would need fine."""
     labels = torch.tensor(np.stack([np.asarray(label) for label in dataset["label"]])).long()
-    digit = ((labels > 0) & (labels != 255)).float()
-    return float((torch.nn.functional.max_pool2d(digit[:, None], coarse_patch_size) > 0).float().mean())
+    return float(digit_regions(labels, coarse_patch_size).float().mean())
 
 
 def over_seeds(rows: list[dict]) -> list[dict]:

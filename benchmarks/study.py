@@ -466,7 +466,7 @@ def summarize(dynamic: dict) -> list[dict]:
         runs = [r for n, r in dynamic.items() if n.startswith(prefix)]
         if not runs:
             continue
-        target = 0.25 if prefix in ("main_", "fresh_gbas0.3_") else float(prefix.rstrip("_").split("_")[-1][1:])
+        target = float(target_label.split()[-1])  # "fine 0.25", "compute 0.8"
         label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         row = {"family": family, "target": target, "seeds": len(runs), "label": label, "target_label": target_label}
         for key, values in [(k, [r["eval"][k] for r in runs]) for k in SPREAD_KEYS] + [
