@@ -43,7 +43,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import hub
-from .training import freeze_all_but_gates, gate_parameter_names, unfreeze_all
+from .training import freeze_all_but_gates, gate_parameter_names, set_frozen_gate_level, unfreeze_all
 
 
 logger = logging.getLogger(__name__)
@@ -250,6 +250,10 @@ class PhaseRunner:
                 if getattr(joint, field_name) is not None and model.config.model_type == "msvit":
                     setattr(model.config, field_name, getattr(joint, field_name))
             joint_lr = gate_learning_rate if joint.gate_learning_rate is None else joint.gate_learning_rate
+            if joint_lr == 0 and model.config.model_type == "msvit":  # frozen: its level is set once, here
+                batches = self.trainer(model, self.args("joint")).get_train_dataloader()
+                shift = set_frozen_gate_level(model, batches)
+                logger.info("Frozen gate: its level set to the target (logit shift %.3f).", shift)
             for name in gate_parameter_names(model) if joint_lr == 0 else []:
                 model.get_parameter(name).requires_grad_(False)
             try:

@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch
 from transformers import Trainer
 
 from .distributed import fsdp_modules, full_parameters
+from .models.msvit.batch_shaping import gather_across_processes
 
 
 def ratio_metric_name(model_or_config) -> str:
@@ -179,8 +181,9 @@ class DynamicComputeTrainer(Trainer):
       MACs and `per_image[:, 1]` the token ratio of every image (`ComputeSpent`), gathered across processes like the
       logits. Use `make_compute_metrics`.
     - Training: the MACs and token ratio of the training forward passes (sampled gates) are averaged over the steps
-      between two logs and logged as `train_<ratio>`, `train_gmacs` and `train_macs_fraction`. The metrics returned by
-      `train()` carry the values of the last logging window.
+      between two logs and logged as `train_<ratio>`, `train_gmacs` and `train_macs_fraction`, with MSViT's
+      `train_gate_loss` (the model's `gate_loss`, before `gbas_loss_weight`). The metrics returned by `train()` carry
+      the values of the last logging window.
     - `gate_learning_rate`: the gate parameters (`gate_parameter_names`) form their own optimizer groups with this
       learning rate (same schedule and weight decay as the rest).
     - FSDP2: evaluation forwards run under `hf_msvit.distributed.full_parameters`, so processes whose images take
@@ -205,14 +208,17 @@ class DynamicComputeTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         spent = ComputeSpent.from_outputs(outputs)
         if spent is not None and model.training:
-            self._add_to_train_window(spent)
+            self._add_to_train_window(spent, outputs.get("gate_loss"))
         elif spent is not None and return_outputs:  # evaluation: what `compute_metrics` gets besides the logits
             outputs = {"loss": loss, "logits": outputs["logits"], "per_image_compute": spent.per_image()}
         return (loss, outputs) if return_outputs else loss
 
-    def _add_to_train_window(self, spent: ComputeSpent) -> None:
+    def _add_to_train_window(self, spent: ComputeSpent, gate_loss: torch.Tensor | None) -> None:
         images = spent.macs.new_tensor(len(spent.macs))
-        sums = torch.stack([spent.macs.sum(), spent.token_ratio.sum(), images]).to(torch.float64)
+        # the gate loss per forward (NaN when the gate did not run, e.g. a DiT): a gate that saturates shows here first
+        gate_loss = images.new_tensor(float("nan")) if gate_loss is None else gate_loss.detach().float()
+        sums = torch.stack([spent.macs.sum(), spent.token_ratio.sum(), images, gate_loss, images.new_tensor(1.0)])
+        sums = sums.to(torch.float64)
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -224,9 +230,13 @@ class DynamicComputeTrainer(Trainer):
         """Means over the logging window, summed over all processes (every rank logs, so this collective is safe)."""
         if self._train_sums is None:
             return dict(self._last_train_compute)
-        macs, ratio, images = self.accelerator.reduce(self._train_sums.to(self.args.device), "sum").tolist()
+        macs, ratio, images, gate_loss, forwards = self.accelerator.reduce(
+            self._train_sums.to(self.args.device), "sum"
+        ).tolist()
         self._train_sums = None
         metrics = {f"train_{self._ratio_name}": ratio / images, "train_gmacs": macs / images / 1e9}
+        if not math.isnan(gate_loss):
+            metrics["train_gate_loss"] = gate_loss / forwards
         if self._static_macs:
             metrics["train_macs_fraction"] = metrics["train_gmacs"] / (self._static_macs / 1e9)
         self._last_train_compute = metrics
@@ -279,6 +289,25 @@ def unfreeze_all(model) -> None:
         parameter.requires_grad_(True)
 
 
+def set_frozen_gate_level(model, batches, max_batches: int = 100) -> float:
+    """Puts the level of an MSViT gate that is about to be frozen at its target: shifts the gate's output bias so that
+    a `gbas_target_ratio` fraction of the regions of `batches` (dicts with `pixel_values`, e.g. the training
+    dataloader; the first `max_batches`, gathered across processes) scores `p >= gate_threshold`. Returns the logit
+    shift subtracted.
+
+    A frozen gate keeps the level its gate-only phase left (the level term no longer moves it); shifted once here, the
+    joint phase trains on the decisions inference will take, with no calibration offset needed at inference."""
+    embeddings, config = model.base_model.embeddings, model.config
+    with full_parameters(model):
+        logits = [embeddings.gate_logits(batch["pixel_values"].to(model.device)).flatten()
+                  for batch in itertools.islice(batches, max_batches)]  # fmt: skip
+        logits = gather_across_processes(torch.cat(logits).float())
+        threshold = torch.logit(torch.tensor(float(config.gate_threshold)), eps=1e-6)
+        shift = torch.quantile(logits, 1.0 - config.gbas_target_ratio) - threshold.to(logits.device)
+        embeddings.gate.logit_bias.data.sub_(shift.to(embeddings.gate.logit_bias.dtype))
+    return float(shift)
+
+
 __all__ = [
     "ComputeSpent",
     "DynamicComputeTrainer",
@@ -291,6 +320,7 @@ __all__ = [
     "gate_parameter_names",
     "is_gate_parameter",
     "make_compute_metrics",
+    "set_frozen_gate_level",
     "ratio_metric_name",
     "static_macs",
     "unfreeze_all",

@@ -20,7 +20,7 @@ from transformers import (
 
 from hf_msvit import MSViTConfig, MSViTForImageClassification, MSViTImageProcessor, MSViTModel
 from hf_msvit.models.msvit.convert_vit_to_msvit import JOINT_PHASE_NOISE_SCALE
-from hf_msvit.models.msvit.modeling_msvit import MSViTLayer, partition_by_length
+from hf_msvit.models.msvit.modeling_msvit import MSViTLayer, partition_by_length, patchify
 
 from tiny_models import tiny_msvit_config
 
@@ -540,6 +540,33 @@ def test_level_term_is_bounded_when_the_quantile_jumps():
     small = torch.linspace(-1, 1, 100).add(0.3).requires_grad_()  # quantile 0.3 above the threshold: quadratic
     model._level_loss(small).backward()
     assert float(small.grad.sum()) == pytest.approx(0.6, rel=1e-3)
+
+
+def test_logit_penalty_pulls_saturated_logits_back():
+    """`gate_logit_loss_weight` adds the mean squared logit to the gate loss: a gate drifted to -60 gets a pull back
+    proportional to how far it drifted (the level term's pull is capped at a one-logit shift), and the decisions are
+    those of the same gate without it."""
+    x = images(4)
+    outputs = {}
+    for weight in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = MSViTModel(tiny_config(gbas_target_ratio=0.25, gate_level_loss_weight=1.0,
+                                       gate_logit_loss_weight=weight, gate_noise_scale=0.0)).train()  # fmt: skip
+        gate = model.embeddings.gate
+        with torch.no_grad():
+            gate.logit_bias.fill_(-60.0)
+        out = model(x)
+        out.gate_loss.backward()
+        with torch.no_grad():
+            logits = gate(patchify(x, model.config.coarse_patch_size))
+        outputs[weight] = (out, float(gate.logit_bias.grad), logits)
+    (plain, plain_grad, logits), (penalized, penalized_grad, _) = outputs[0.0], outputs[0.01]
+    assert torch.equal(plain.fine_region_mask, penalized.fine_region_mask)
+    added = float(penalized.gate_loss.detach() - plain.gate_loss.detach())
+    assert added == pytest.approx(0.01 * float(logits.pow(2).mean()), rel=1e-4)
+    assert penalized_grad - plain_grad == pytest.approx(0.02 * float(logits.mean()), rel=1e-3)
+    # descent raises the bias; the level term's pull stays -2 (capped), the penalty's grows with the drift
+    assert plain_grad == pytest.approx(-2.0, rel=1e-3) and penalized_grad < -3.0
 
 
 def test_noise_free_training_takes_the_decisions_inference_takes():

@@ -188,7 +188,8 @@ def test_upcycle_from_local_vit_checkpoint(script, tmp_path, recorded_phases):
 
 def test_config_overrides_and_a_joint_phase_on_the_selected_tokens_with_frozen_gates(script, tmp_path):
     """`--config_overrides` sets any other config field (an unknown name is refused before training); the joint phase
-    can train on the selected tokens only with the gates left as the gate-only phase made them."""
+    can train on the selected tokens only with the gates left as the gate-only phase made them, their level set to the
+    target."""
     out = tmp_path / "run"
     script.main(script_args(out, config_overrides="gbas_input=samples,gate_level_calibration=false",
                             joint_gate_training_mode="straight_through", joint_gate_learning_rate=0))  # fmt: skip
@@ -197,8 +198,11 @@ def test_config_overrides_and_a_joint_phase_on_the_selected_tokens_with_frozen_g
     assert config["gate_training_mode"] == "straight_through"
     gate_phase = load_file(out / "phase-gate" / "final" / "model.safetensors")
     joint_phase = load_file(out / "phase-joint" / "final" / "model.safetensors")
-    gate_keys = [key for key in gate_phase if ".gate." in key]
+    # frozen: the gate stays as the gate-only phase made it, but for its output bias, shifted once to the target level
+    bias = "msvit.embeddings.gate.logit_bias"
+    gate_keys = [key for key in gate_phase if ".gate." in key and key != bias]
     assert gate_keys and all(torch.equal(gate_phase[key], joint_phase[key]) for key in gate_keys)
+    assert not torch.equal(gate_phase[bias], joint_phase[bias])
     assert not torch.equal(gate_phase["classifier.weight"], joint_phase["classifier.weight"])
     with pytest.raises(ValueError, match="no field of the msvit config: \\['not_a_field'\\]"):
         script.main(script_args(tmp_path / "bad", config_overrides="not_a_field=1"))

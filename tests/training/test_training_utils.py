@@ -13,6 +13,7 @@ from hf_msvit.training import (
     freeze_all_but_gates,
     gate_parameter_names,
     make_compute_metrics,
+    set_frozen_gate_level,
     unfreeze_all,
 )
 
@@ -85,8 +86,8 @@ def test_evaluate_reports_macs_and_ratio_matching_the_model(tmp_path):
 
 
 def test_training_logs_the_compute_of_the_training_forward_passes(tmp_path):
-    """Every training log carries the mean token ratio, GMACs and MACs fraction of the forward passes since the
-    previous log (gates sampled as in training), and `train()`'s metrics those of the last window."""
+    """Every training log carries the mean token ratio, GMACs, MACs fraction and gate loss of the forward passes since
+    the previous log (gates sampled as in training), and `train()`'s metrics those of the last window."""
     model = tiny_msvit(num_labels=3)
     data, _ = image_dataset(tiny_processor(), num_images=16)
     outputs = []
@@ -102,6 +103,8 @@ def test_training_logs_the_compute_of_the_training_forward_passes(tmp_path):
         assert log["train_fine_region_ratio"] == pytest.approx(ratio)
         assert log["train_gmacs"] == pytest.approx(gmacs, rel=1e-6)
         assert log["train_macs_fraction"] == pytest.approx(gmacs / static_gmacs, rel=1e-6)
+        gate_loss = torch.stack([o.gate_loss for o in window]).mean().item()
+        assert gate_loss > 0 and log["train_gate_loss"] == pytest.approx(gate_loss, rel=1e-5)
     assert result.metrics["train_fine_region_ratio"] == logs[-1]["train_fine_region_ratio"]
     eval_logs = [log for log in trainer.state.log_history if "eval_loss" in log]
     assert all("train_fine_region_ratio" not in log for log in eval_logs)
@@ -201,3 +204,29 @@ def test_gradient_accumulation_scales_the_aux_loss_like_the_task_loss(tmp_path):
     assert gate_names
     for name in manual:
         torch.testing.assert_close(via_trainer[name], manual[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gate_input", ["pixels", "embeddings"])
+def test_a_frozen_gate_gets_its_level_set_on_the_training_batches(gate_input):
+    """A gate whose level drifted off the target gets the shift that puts a `gbas_target_ratio` fraction of
+    the regions of the given batches at `p >= 0.5`: inference (uncalibrated) and noise-free training decisions then
+    take the target fraction on those images, and the shift returned is what was subtracted."""
+    model = tiny_msvit(gbas_target_ratio=0.25, gate_input=gate_input, gate_level_calibration=False,
+                       gate_noise_scale=0.0)  # fmt: skip
+    gate = model.msvit.embeddings.gate
+    with torch.no_grad():  # a trained gate: logits that differ between regions, a level off the target
+        for layer in gate.layers:
+            layer.weight.normal_(0.0, 0.5)
+        gate.logit_bias.add_(3.0)
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(8, 3, 32, 32, generator=generator)} for _ in range(4)]
+    pixels = torch.cat([batch["pixel_values"] for batch in batches])
+    with torch.no_grad():
+        before = model.eval()(pixels).fine_region_mask.float().mean().item()
+    bias = gate.logit_bias.item()
+    shift = set_frozen_gate_level(model, batches)
+    assert abs(before - 0.25) > 0.1 and gate.logit_bias.item() == pytest.approx(bias - shift)
+    with torch.no_grad():
+        inference = model.eval()(pixels).fine_region_mask.float().mean().item()
+        training = model.train()(pixels).fine_region_mask.float().mean().item()
+    assert inference == pytest.approx(0.25, abs=1 / pixels.shape[0]) and training == inference

@@ -99,6 +99,12 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
         where inference thresholds (a `gbas_target_ratio` fraction of regions at `p >= gate_threshold`), so the
         calibration offset stays small; unlike GBaS on probabilities its gradient does not vanish when the gate
         saturates (a gate started at bias -20 still moves).
+    gate_logit_loss_weight (`float`, *optional*, defaults to 0.0):
+        Weight of the logit penalty folded into the gate loss: the mean squared gate logit, as the router z-loss of
+        ST-MoE keeps router logits small. Decisions need logits within a few units of the threshold; without it an
+        upcycled gate's logits drifted to -57.8 on some seeds (Adam keeps moving weights whose gradient the saturated
+        sigmoid has all but cut; the study's level table), and the gate's gradient then rivalled the backbone's under
+        the shared gradient-norm clipping. 0.01 when upcycled (`UPCYCLING_DEFAULTS`).
     gate_level_calibration (`bool`, *optional*, defaults to `True`):
         Calibrate the gate's level for inference, as BatchNorm keeps running statistics: training tracks a running
         average of the batch's `(1 - gbas_target_ratio)` quantile of the gate logits, and inference subtracts it, so
@@ -208,6 +214,7 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
     gumbel_temperature: float | int = 1.0
     gate_noise_scale: float | int = 1.0
     gate_level_loss_weight: float | int = 0.0
+    gate_logit_loss_weight: float | int = 0.0
     gate_level_calibration: bool = True
     gate_calibration_momentum: float | int = 0.9
     gate_training_mode: str = "masked_attention"
@@ -268,6 +275,7 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
             ("gumbel_temperature", self.gumbel_temperature > 0, "positive"),
             ("gate_noise_scale", self.gate_noise_scale >= 0, ">= 0"),
             ("gate_level_loss_weight", self.gate_level_loss_weight >= 0, ">= 0"),
+            ("gate_logit_loss_weight", self.gate_logit_loss_weight >= 0, ">= 0"),
             ("bucket_overhead_tokens", self.bucket_overhead_tokens >= 0, ">= 0"),
         )
         for name, valid, wanted in checks:

@@ -356,14 +356,21 @@ class MSViTEmbeddings(nn.Module):
         coarse = F.avg_pool2d(grid, kernel_size=self.ratio).flatten(2).transpose(1, 2)[0]
         return torch.cat([coarse, self.position_embeddings[0, 1:]], dim=0)
 
+    def gate_logits(self, pixel_values: torch.Tensor, coarse_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch, num_regions)` logits of the gate, before any calibration (`coarse_embeddings`: the coarse tokens,
+        computed here if the gate reads them and they are not given)."""
+        config = self.config
+        if config.gate_input == "pixels":
+            return self.gate(patchify(pixel_values, config.coarse_patch_size))
+        if coarse_embeddings is None:
+            coarse_pixels = F.avg_pool2d(pixel_values, kernel_size=self.ratio)
+            coarse_embeddings = self.patch_embeddings(patchify(coarse_pixels, config.patch_size))
+        return self.gate(coarse_embeddings)
+
     def decide(self, pixel_values, coarse_embeddings, threshold, budget) -> GateDecisions:
         """Runs the gate on every coarse region and decides which are tokenized fine."""
         config = self.config
-        if config.gate_input == "pixels":
-            gate_inputs = patchify(pixel_values, config.coarse_patch_size)
-        else:
-            gate_inputs = coarse_embeddings
-        logits = self.gate(gate_inputs)
+        logits = self.gate_logits(pixel_values, coarse_embeddings)
         batch_logits = None
         # multi-process training computes the level on the global batch (off by default)
         if self.training and config.gbas_gather_across_processes:
@@ -774,6 +781,7 @@ class MSViTModel(MSViTPreTrainedModel):
         loss = self.batch_shaping(gate_values)
         if decisions.logits is not None:
             loss = loss + self.config.gate_level_loss_weight * self._level_loss(decisions.logits)
+            loss = loss + self.config.gate_logit_loss_weight * decisions.logits.float().pow(2).mean()
         return loss
 
     def _level_loss(self, logits: torch.Tensor) -> torch.Tensor:
