@@ -183,7 +183,7 @@ def render_msvit_level(payload: dict | None = None) -> list[str]:
     offset, and the fine ratio on distributions no model trained on (blank canvases, photograph tiles)."""
     payload = payload or load("study/results.json")
     header = ["model", "target", "train", "test", "test, uncalibrated", "logit offset", "accuracy, uncalibrated",
-              "blank canvases", "photo tiles"]  # fmt: skip
+              "blank canvases", "photo tiles", "gate logits 1% / 99%"]  # fmt: skip
     rows = []
     for row in payload["summary"]:
         if "logit_offset" not in row:
@@ -194,9 +194,16 @@ def render_msvit_level(payload: dict | None = None) -> list[str]:
         ]
         rows.append([row["label"], f"{row['target']:g}", span(row, "train_token_ratio"), span(row, "token_ratio"),
                      span(row, "token_ratio_uncalibrated"), span(row, "logit_offset", 2),
-                     span(row, "accuracy_uncalibrated"), *pairs])  # fmt: skip
-    caption = split_line(payload) + " Fine ratio; the other distributions calibrated / uncalibrated:"
+                     span(row, "accuracy_uncalibrated"), *pairs, logit_range(row)])  # fmt: skip
+    caption = (split_line(payload) + " Fine ratio; the other distributions calibrated / uncalibrated; the gate's"
+               " logits on test (the lowest seed's 1% quantile / the highest seed's 99%):")  # fmt: skip
     return [caption, "", *table(header, rows)]
+
+
+def logit_range(row: dict) -> str:
+    if "logit_q01_min" not in row:
+        return "-"
+    return f"{row['logit_q01_min']:.1f} / {row['logit_q99_max']:.1f}"
 
 
 def render_msvit_training_step() -> list[str]:

@@ -14,15 +14,17 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
    into the ViT/32 that computes what MSViT computes with every region coarse, fine-tuned as long.
 3. MSViT upcycled from the best ViT/16 with the example's defaults and nothing but the target
    (`--model_name_or_path <vit16> --gbas_target_ratio t`, the path users take) at targets 0.25, 0.5 and 0.75, 3 seeds
-   each; the README's main job (a fresh ViT/16, then MSViT) with 3 seeds; and recipes beside the defaults: the
+   each; the README's main job (a fresh ViT/16, then MSViT) with 3 seeds, and the sweep that chose its phase-0
+   learning rate (3 seeds per rate, on validation); and recipes beside the defaults: the
    paper's (GBaS on the sampled decisions, learned prior temperatures with the notebook's L1, no calibration, no
    level term) at 0.5, 3 seeds; the former defaults (noise-free decisions in the joint phase too, calibrated) at every
    target; sampled decisions in the gate-only phase too (one seed per target); the joint phase with the full Gumbel
-   noise (3 seeds per target); and the cheaper joint phase (the selected tokens only, gates frozen) at every target
-   (and at 0.25 with the level calibrated).
+   noise (3 seeds per target); and the cheaper joint phase (the selected tokens only, gates frozen, their level set to
+   the target when frozen) at every target.
    An upcycled gate's GBaS weight is 0.3 by default; the former default, 1, has its own rows ("GBaS weight 1"), and
-   the other recipes were measured at 1 (their labels say so; the selected-tokens phase at both). The main job keeps
-   weight 1 for its fresh run; its rows with 0.3 beside it.
+   the other recipes were measured at 1 (their labels say so). Its logit penalty is 0.01 by default; the rows measured
+   before it say "no logit penalty" (the former default without it: its own rows). The main job (15 epochs of phase
+   0, GBaS weight 0.3) has rows with GBaS weight 1 and with the former 8-epoch phase 0 beside it.
    Every model also evaluated with `gate_threshold` swept, with its level calibration switched off, and on two
    other distributions (blank canvases; scikit-learn's two photographs cut into 96 px tiles).
 4. DiT-b0 upcycled from PVTv2-b0 with the package's recipe at budgets 0.6 and 0.8 (3 seeds each), its row-gate
@@ -67,10 +69,6 @@ MSVIT_RECIPES = {
                "gbas_temperature_l1_weight=0.1,gate_level_calibration=false,gate_noise_scale=1,gate_level_loss_weight=0",
                *FORMER_GBAS],
 }  # fmt: skip
-MSVIT_RECIPES["selected_"] = ["--joint_gate_training_mode", "straight_through", "--joint_gate_learning_rate", "0"]
-MSVIT_RECIPES["selected_gbas1_"] = [*FORMER_GBAS, *MSVIT_RECIPES["selected_"]]
-# The same with the level calibrated: frozen gates keep the gate-only phase's level, which weak GBaS holds loosely.
-MSVIT_RECIPES["selectedcal_"] = [*MSVIT_RECIPES["selected_"], "--config_overrides", "gate_level_calibration=true"]
 # The former defaults: noise-free decisions in the joint phase too, calibrated (the level term was unbounded then).
 MSVIT_RECIPES["noisefree_"] = [*FORMER_GBAS, "--config_overrides", "gate_level_calibration=true",
                                "--joint_gate_noise_scale", "0"]  # fmt: skip
@@ -78,8 +76,25 @@ MSVIT_RECIPES["noisefree_"] = [*FORMER_GBAS, "--config_overrides", "gate_level_c
 MSVIT_RECIPES["sampled_"] = [*FORMER_GBAS, "--config_overrides", "gate_noise_scale=1"]
 # The joint phase with the paper's full Gumbel noise (the default samples with half of it).
 MSVIT_RECIPES["noise1_"] = [*FORMER_GBAS, "--joint_gate_noise_scale", "1"]
+
+
+def without_logit_penalty(args: list[str]) -> list[str]:
+    """`args` with the upcycled gate's logit penalty switched off (merged into a `--config_overrides` given)."""
+    if "--config_overrides" not in args:
+        return [*args, "--config_overrides", "gate_logit_loss_weight=0"]
+    index = args.index("--config_overrides") + 1
+    return [*args[:index], args[index] + ",gate_logit_loss_weight=0", *args[index + 1 :]]
+
+
+# Every recipe beside the defaults was measured before the logit penalty (0.01 for upcycled gates) became the default:
+# their rows say "no logit penalty"; "nologitpen_" is the former default itself.
+PRE_LOGIT_PENALTY = [name for name in MSVIT_RECIPES if name] + ["nologitpen_"]
+MSVIT_RECIPES = {name: without_logit_penalty(args) if name else args
+                 for name, args in {**MSVIT_RECIPES, "nologitpen_": []}.items()}  # fmt: skip
+# The cheaper joint phase: the selected tokens only, gates frozen (their level set to the target when frozen).
+MSVIT_RECIPES["selected_"] = ["--joint_gate_training_mode", "straight_through", "--joint_gate_learning_rate", "0"]
 ONE_SEED = ("sampled_",)
-MSVIT_RECIPE_TARGETS = dict.fromkeys(MSVIT_RECIPES, TARGETS) | {"paper_": [0.5], "selectedcal_": [0.25]}
+MSVIT_RECIPE_TARGETS = dict.fromkeys(MSVIT_RECIPES, TARGETS) | {"paper_": [0.5]}
 MSVIT_RECIPE_SEEDS = {("noisefree_", 0.75): [0], **{(recipe, t): [0] for recipe in ONE_SEED for t in TARGETS}}
 MSVIT_PHASE_EPOCHS = 2 + 10  # the example's gate-only and joint epochs, for the fair baselines
 DIT_STEPS = {"sparse": 90 + 180}  # gate-only and joint steps of dit_study.py's recipe
@@ -165,15 +180,58 @@ def msvit_jobs(runs: Path, vit16: Path, quick: bool) -> dict:
     return jobs
 
 
+# The main job beside its defaults: GBaS weight 1 (the fresh run's default until the 15-epoch phase 0, where 0.3 and 1
+# were compared again), and the former 8-epoch phase 0 at both weights.
+FRESH_RECIPES = {
+    "fresh_gbas1_": ["--gbas_loss_weight", "1"],
+    "fresh_e8_gbas1_": ["--backbone_epochs", "8", "--gbas_loss_weight", "1"],
+    "fresh_e8_gbas0.3_": ["--backbone_epochs", "8", "--gbas_loss_weight", "0.3"],
+}
+
+
 def main_job_jobs(runs: Path, quick: bool) -> dict:
     """The README's main job (a fresh ViT/16 trained, then upcycled, all at the example's defaults), per seed."""
     length = ["--backbone_max_steps", "3", "--gate_only_max_steps", "3", "--max_steps", "3"] if quick else []
     jobs = {f"main_s{seed}": (runs / f"main_s{seed}", ["--seed", str(seed), *length]) for seed in SEEDS}
-    # the same with the upcycling default's weaker GBaS (the example keeps weight 1 for a fresh run: these rows)
-    for seed in SEEDS:
-        args = ["--seed", str(seed), "--gbas_loss_weight", "0.3", *length]
-        jobs[f"fresh_gbas0.3_s{seed}"] = (runs / f"fresh_gbas0.3_s{seed}", args)
+    for prefix, extra in FRESH_RECIPES.items():
+        for seed in SEEDS:
+            jobs[f"{prefix}s{seed}"] = (runs / f"{prefix}s{seed}", ["--seed", str(seed), *extra, *length])
     return jobs
+
+
+# The main job's phase 0 (its fresh ViT/16) as (learning rate, epochs), 3 seeds each: the example's defaults are the
+# best mean validation accuracy.
+MAIN_BACKBONE_RECIPES = [(2.5e-4, 8), (5e-4, 8), (1e-3, 8), (2e-3, 8), (1e-3, 15)]
+
+
+def main_backbone_name(lr: float, epochs: int, seed: int) -> str:
+    return f"mainvit_lr{lr}_s{seed}" if epochs == 8 else f"mainvit_lr{lr}_e{epochs}_s{seed}"
+
+
+def main_backbone_jobs(runs: Path, quick: bool) -> dict:
+    """Phase 0 of the main job alone (`--backbone_only`) for each of `MAIN_BACKBONE_RECIPES`, per seed."""
+    jobs = {}
+    for lr, epochs in MAIN_BACKBONE_RECIPES:
+        length = ["--backbone_max_steps", "3"] if quick else [] if epochs == 8 else ["--backbone_epochs", str(epochs)]
+        for seed in SEEDS:
+            name = main_backbone_name(lr, epochs, seed)
+            args = ["--backbone_only", "true", "--backbone_learning_rate", str(lr), "--seed", str(seed), *length]
+            jobs[name] = (runs / name, args)
+    return jobs
+
+
+def main_backbone_sweep(runs: dict, splits: dict) -> list[dict]:
+    """Per (lr, epochs) of `main_backbone_jobs`: validation and test accuracy, mean [min, max] over seeds."""
+    results = evaluate_static({name: path / "phase-backbone" / "final" for name, path in runs.items()}, splits)
+    sweep = []
+    for lr, epochs in MAIN_BACKBONE_RECIPES:
+        seeds = [results[main_backbone_name(lr, epochs, seed)] for seed in SEEDS]
+        row = {"learning_rate": lr, "epochs": epochs, "seeds": len(seeds)}
+        for key in ("validation_accuracy", "accuracy"):
+            values = [result[key] for result in seeds]
+            row[key], row[f"{key}_min"], row[f"{key}_max"] = float(np.mean(values)), min(values), max(values)
+        sweep.append(row)
+    return sweep
 
 
 def dit_jobs(runs: Path, pvt: Path, quick: bool) -> dict:
@@ -414,7 +472,21 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
             results[name].update(level_diagnostics(model, processor, splits))
         write_atomic(cache, json.dumps(results[name]))
         print(name, json.dumps(results[name]["eval"]), flush=True)
+    for name, run_dir in runs.items():  # cheap (the gate alone), so not cached: MSViT's gate logits on test
+        if not name.startswith(("sparse", "paper")):
+            results[name].update(gate_logit_range(*load(run_dir), splits["test"]))
     return results
+
+
+def gate_logit_range(model, processor, split: Split) -> dict:
+    """The 1% and 99% quantiles of the gate's logits over the regions of `split`: a drifted gate shows here."""
+    from hf_msvit.models.msvit.modeling_msvit import patchify
+
+    gate = model.msvit.embeddings.gate
+    with torch.no_grad():
+        logits = gate(patchify(split.pixels(processor), model.config.coarse_patch_size)).flatten()
+    low, high = torch.quantile(logits, torch.tensor([0.01, 0.99])).tolist()
+    return {"logit_q01": low, "logit_q99": high}
 
 
 GROUPS = {  # summary row: (family, name prefix, label, target label)
@@ -422,17 +494,6 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
     ("msvit", "msvit_paper_t0.5_"): ("MSViT target 0.5, the paper's recipe", "fine 0.5"),
     **{
         ("msvit", f"msvit_selected_t{t}_"): (f"MSViT target {t}, joint: selected tokens, gates frozen", f"fine {t}")
-        for t in TARGETS
-    },
-    ("msvit", "msvit_selectedcal_t0.25_"): (
-        "MSViT target 0.25, joint: selected tokens, gates frozen, calibrated",
-        "fine 0.25",
-    ),
-    **{
-        ("msvit", f"msvit_selected_gbas1_t{t}_"): (
-            f"MSViT target {t}, GBaS 1, joint: selected tokens, gates frozen",
-            f"fine {t}",
-        )
         for t in TARGETS
     },
     **{
@@ -445,18 +506,24 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
     },
     **{("msvit", f"msvit_noise1_t{t}_"): (f"MSViT target {t}, GBaS 1, joint noise 1", f"fine {t}") for t in TARGETS},
     **{
-        ("msvit", f"msvit_gbas1_t{t}_"): (f"MSViT target {t}, GBaS weight 1 (former default)", f"fine {t}")
+        ("msvit", f"msvit_gbas1_t{t}_"): (f"MSViT target {t}, GBaS weight 1 (the default before 0.3)", f"fine {t}")
         for t in TARGETS
     },
+    **{("msvit", f"msvit_nologitpen_t{t}_"): (f"MSViT target {t}, the former default", f"fine {t}") for t in TARGETS},
     ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
-    ("msvit", "fresh_gbas0.3_"): ("The main job with GBaS weight 0.3", "fine 0.25"),
+    ("msvit", "fresh_gbas1_"): ("The main job with GBaS weight 1", "fine 0.25"),
+    ("msvit", "fresh_e8_gbas1_"): ("The main job, phase 0 of 8 epochs, GBaS weight 1", "fine 0.25"),
+    ("msvit", "fresh_e8_gbas0.3_"): ("The main job, phase 0 of 8 epochs, GBaS weight 0.3", "fine 0.25"),
     **{("dit", f"sparse_b{b}_"): (f"DiT-b0 budget {b}", f"compute {b}") for b in BUDGETS},
     ("dit", "paper_b0.8_"): ("DiT-b0 budget 0.8, the paper's recipe", "compute 0.8"),
 }
+PRE_LOGIT_PENALTY_PREFIXES = tuple(f"msvit_{recipe}t" for recipe in PRE_LOGIT_PENALTY)
+GROUPS = {key: (label + (", no logit penalty" if key[1].startswith(PRE_LOGIT_PENALTY_PREFIXES) else ""), target)
+          for key, (label, target) in GROUPS.items()}  # fmt: skip
 SPREAD_KEYS = ("accuracy", "token_ratio", "macs_fraction", "gmacs")
 LEVEL_KEYS = ("logit_offset", "accuracy_uncalibrated", "token_ratio_uncalibrated", "blank_token_ratio",
               "blank_token_ratio_uncalibrated", "photo_tiles_token_ratio", "photo_tiles_token_ratio_uncalibrated",
-              "train_token_ratio", "train_macs_fraction", "validation_accuracy")  # fmt: skip
+              "train_token_ratio", "train_macs_fraction", "validation_accuracy", "logit_q01", "logit_q99")  # fmt: skip
 
 
 def summarize(dynamic: dict) -> list[dict]:
@@ -514,6 +581,7 @@ def main():
     dynamic_jobs = {**msvit_jobs(runs_dir, vit16, args.quick), **main_job_jobs(runs_dir, args.quick)}
     dynamic_runs = run_all({**dynamic_jobs, **dit_jobs(runs_dir, pvt, args.quick)})
     dynamic = evaluate_dynamic(dynamic_runs, splits)
+    main_sweep = main_backbone_sweep(run_all(main_backbone_jobs(runs_dir, args.quick)), splits)
     if any(name.startswith("main_") for name in dynamic_runs):
         baselines.append(main_job_backbones(dynamic_runs, splits))
     payload = {
@@ -521,6 +589,7 @@ def main():
         "split": "test",
         "static": static,
         "best": best_names,
+        "main_backbone_sweep": main_sweep,
         "baselines": baselines,
         "dynamic": dynamic,
         "summary": summarize(dynamic),
@@ -562,6 +631,7 @@ def main_job_backbones(dynamic_runs: dict, splits: dict) -> dict:
     for key in ("accuracy", "accuracy_se", "gmacs", "validation_accuracy"):
         row[key] = float(np.mean([result[key] for result in results.values()]))
     row["accuracy_min"], row["accuracy_max"] = (f([r["accuracy"] for r in results.values()]) for f in (min, max))
+    row["per_seed"] = {name: result["accuracy"] for name, result in results.items()}  # named as the MSViT runs
     return {**row, "macs_fraction": 1.0, "seeds": len(results)}
 
 
@@ -617,10 +687,26 @@ def render_tables(payload) -> str:
         mark = " (best)" if payload["best"][kind] == name else ""
         lines.append(f"| {names[kind]} | {lr}{mark} | {result['validation_accuracy']:.3f} | "
                      f"{result['accuracy']:.3f} ± {result['accuracy_se']:.3f} | {result['gmacs']:.4f} |")  # fmt: skip
+    lines += ["", *render_main_backbone_sweep(payload.get("main_backbone_sweep", []))]
     lines += ["", "**MSViT's level**", "", *render_msvit_level(payload), "", "**Threshold sweeps**", "",
               *render_study_thresholds(payload), "", "**MSViT per seed**", "",
               *render_msvit_seeds(payload)]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def render_main_backbone_sweep(sweep: list[dict]) -> list[str]:
+    """The main job's phase-0 recipes (`main_backbone_sweep`), the best mean validation accuracy marked."""
+    lines = ["**The main job's phase 0** (its fresh ViT/16; mean [min-max] over seeds; the example's defaults are the "
+             "best mean on validation):", "",
+             "| learning rate | epochs | seeds | validation accuracy | test accuracy |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    best = max(sweep, key=lambda row: row["validation_accuracy"]) if sweep else None
+    for row in sweep:
+        cells = [f"{row[k]:.3f} [{row[k + '_min']:.3f}-{row[k + '_max']:.3f}]"
+                 for k in ("validation_accuracy", "accuracy")]
+        lr = f"{row['learning_rate']:g}" + (" (best)" if row is best else "")
+        lines.append(f"| {lr} | {row['epochs']} | {row['seeds']} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def plot(payload, path: Path):
