@@ -14,8 +14,8 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
    into the ViT/32 that computes what MSViT computes with every region coarse, fine-tuned as long.
 3. MSViT upcycled from the best ViT/16 with the example's defaults and nothing but the target
    (`--model_name_or_path <vit16> --gbas_target_ratio t`, the path users take) at targets 0.25, 0.5 and 0.75, 3 seeds
-   each; the README's main job (a fresh ViT/16, then MSViT) with 3 seeds, and the sweep that chose its phase-0
-   learning rate (3 seeds per rate, on validation); and recipes beside the defaults: the
+   each; the README's main job (a fresh ViT/16, then MSViT) with 3 seeds, and the sweep that chose its phase 0
+   (learning rate and length, 3 seeds each, on validation); and recipes beside the defaults: the
    paper's (GBaS on the sampled decisions, learned prior temperatures with the notebook's L1, no calibration, no
    level term) at 0.5, 3 seeds; the former defaults (noise-free decisions in the joint phase too, calibrated) at every
    target; sampled decisions in the gate-only phase too (one seed per target); the joint phase with the full Gumbel
@@ -480,11 +480,8 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
 
 def gate_logit_range(model, processor, split: Split) -> dict:
     """The 1% and 99% quantiles of the gate's logits over the regions of `split`: a drifted gate shows here."""
-    from hf_msvit.models.msvit.modeling_msvit import patchify
-
-    gate = model.msvit.embeddings.gate
     with torch.no_grad():
-        logits = gate(patchify(split.pixels(processor), model.config.coarse_patch_size)).flatten()
+        logits = model.msvit.embeddings.gate_logits(split.pixels(processor)).flatten()
     low, high = torch.quantile(logits, torch.tensor([0.01, 0.99])).tolist()
     return {"logit_q01": low, "logit_q99": high}
 
