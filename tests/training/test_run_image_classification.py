@@ -125,21 +125,30 @@ def test_default_run_phases_metrics_checkpoint_and_resume(script, tmp_path, caps
 
 @pytest.mark.parametrize("model_type", ["msvit", "dit_routing"])
 def test_fresh_run_defaults_per_model_type(script, tmp_path, recorded_phases, model_type):
-    """Fresh runs take their backbone lr and gate lr from FRESH_MODEL_DEFAULTS; the joint phase trains the gates at
-    the gate lr (its own optimizer group), the rest at --learning_rate; command-line values win."""
+    """Fresh runs take their backbone lr, backbone warmup and gate lr from FRESH_MODEL_DEFAULTS; the joint phase trains
+    the gates at the gate lr (its own optimizer group), the rest at --learning_rate; command-line values win. Phase 0's
+    warmup is its own: the later phases keep --warmup_steps."""
     canvas = 32 if model_type == "msvit" else 64
     script.main(script_args(tmp_path / "a", model_type=model_type, canvas_size=canvas))
     defaults = script.FRESH_MODEL_DEFAULTS[model_type]
     assert recorded_phases["backbone"]["learning_rate"] == defaults.backbone_learning_rate
     assert recorded_phases["gate"]["learning_rate"] == defaults.gate_learning_rate
     assert recorded_phases["joint"]["gate_learning_rate"] == defaults.gate_learning_rate
+    assert recorded_phases["backbone"]["warmup_steps"] == defaults.backbone_warmup_steps
+    assert "warmup_steps" not in recorded_phases["gate"] and "warmup_steps" not in recorded_phases["joint"]
     assert script.FRESH_MODEL_DEFAULTS["dit_routing"].backbone_learning_rate < 1e-3  # PVTv2 stays at chance at 2e-3
+    assert script.FRESH_MODEL_DEFAULTS["msvit"].backbone_warmup_steps > 0  # ViT/16 from scratch: see the study
 
     recorded_phases.clear()
-    given = {"backbone_learning_rate": 1e-3, "gate_learning_rate": 5e-3}
+    given = {"backbone_learning_rate": 1e-3, "gate_learning_rate": 5e-3, "backbone_warmup_steps": 3}
     script.main(script_args(tmp_path / "b", model_type=model_type, canvas_size=canvas, **given))
     assert recorded_phases["backbone"]["learning_rate"] == 1e-3
+    warmup = recorded_phases["backbone"]["warmup_steps"]
+    assert warmup == 3 and isinstance(warmup, int)  # whole steps, not a fraction
     assert recorded_phases["gate"]["learning_rate"] == recorded_phases["joint"]["gate_learning_rate"] == 5e-3
+
+    with pytest.raises(ValueError, match="backbone_warmup_steps 2.5"):
+        script.main(script_args(tmp_path / "c", model_type=model_type, canvas_size=canvas, backbone_warmup_steps=2.5))
 
 
 def test_upcycle_from_local_vit_checkpoint(script, tmp_path, recorded_phases):
