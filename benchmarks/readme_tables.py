@@ -64,7 +64,10 @@ def learning_rate(text: str) -> str:
 
 
 def static_row(label: str, result: dict, fraction: float) -> list[str]:
+    """Accuracy ± its standard error over images; a row over seeds: mean [min-max] and how many seeds."""
     accuracy = f"{result['accuracy']:.3f} ± {result['accuracy_se']:.3f}"
+    if result.get("seeds", 1) > 1:
+        label, accuracy = f"{label} ({result['seeds']} seeds)", span(result, "accuracy")
     return [label, accuracy, f"{result['gmacs']:.4f}", f"{fraction:.2f}", "-", "-", "-", "-"]
 
 

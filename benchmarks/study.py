@@ -10,8 +10,9 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
 1. Static baselines from scratch with a learning-rate sweep each (best by validation accuracy): ViT/16, ViT/32 (same
    width and depth) and PVTv2-b0.
 2. Fair baselines (equal training): the best ViT/16 and ViT/32 fine-tuned for as many epochs as MSViT trains after
-   upcycling, at the joint phase's learning rate; PVTv2-b0 for as many steps as DiT's phases; and the ViT/16 turned
-   into the ViT/32 that computes what MSViT computes with every region coarse, fine-tuned as long.
+   upcycling, at the joint phase's learning rate (ViT/16 with each of MSViT's seeds); PVTv2-b0 for as many steps as
+   DiT's phases; and the ViT/16 turned into the ViT/32 that computes what MSViT computes with every region coarse,
+   fine-tuned as long.
 3. MSViT upcycled from the best ViT/16 with the example's defaults and nothing but the target
    (`--model_name_or_path <vit16> --gbas_target_ratio t`, the path users take) at targets 0.25, 0.5 and 0.75, 3 seeds
    each; the README's main job (a fresh ViT/16, then MSViT) with 3 seeds, and the sweep that chose its phase 0
@@ -23,10 +24,14 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
    the target when frozen) at every target.
    An upcycled gate's GBaS weight is 0.3 by default; the former default, 1, has its own rows ("GBaS weight 1"), and
    the other recipes were measured at 1 (their labels say so). Its logit penalty is 0.01 by default; the rows measured
-   before it say "no logit penalty" (the former default without it: its own rows). The main job (15 epochs of phase
-   0, GBaS weight 0.3) has rows with GBaS weight 1 and with the former 8-epoch phase 0 beside it.
+   before it say "no logit penalty" (the former default without it: its own rows). The gate-only and joint phases
+   warm up over their first tenth by default; the rows measured before say "no warmup" (the former default: its own
+   rows; it and the defaults also with 2 more seeds, on validation only: the choice between them). Also the joint
+   phase at lr 2.5e-4. The main job (15 epochs of phase 0, every phase warming up, GBaS weight 0.3) has rows with the
+   warmup in phase 0 only, without any, with GBaS weight 1 and with the former 8-epoch phase 0 beside it.
    Every model also evaluated with `gate_threshold` swept, with its level calibration switched off, and on two
-   other distributions (blank canvases; scikit-learn's two photographs cut into 96 px tiles).
+   other distributions (blank canvases; scikit-learn's two photographs cut into 96 px tiles). Each seed spread is
+   shown beside the spreads of the same models on resamples of the test split's digits.
 4. DiT-b0 upcycled from PVTv2-b0 with the package's recipe at budgets 0.6 and 0.8 (3 seeds each), its row-gate
    threshold swept in steps of 0.05. The DiT runs are `dit_study.py`'s (same arguments, shared run folders), as is
    the paper's DiT recipe (3 seeds at 0.8).
@@ -47,6 +52,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
+
+from hf_msvit.data import load_digits_on_canvas
+from hf_msvit.training import ImageTransform, collate_fn
 
 
 HERE = Path(__file__).parent
@@ -93,6 +102,14 @@ MSVIT_RECIPES = {name: without_logit_penalty(args) if name else args
                  for name, args in {**MSVIT_RECIPES, "nologitpen_": []}.items()}  # fmt: skip
 # The cheaper joint phase: the selected tokens only, gates frozen (their level set to the target when frozen).
 MSVIT_RECIPES["selected_"] = ["--joint_gate_training_mode", "straight_through", "--joint_gate_learning_rate", "0"]
+# The joint phase at half the learning rate (ViT/16's best from scratch): the seeds spread less, lower on validation.
+MSVIT_RECIPES["jlr2.5e-4_"] = ["--learning_rate", "0.00025"]
+# Every recipe beside the defaults was measured without the warmup of the gate-only and joint phases (a tenth of each
+# by default since "The upcycled recipe's choice"): their rows say "no warmup"; "nowarmup_" is the former default.
+NO_PHASE_WARMUP = ["--warmup_steps", "0"]
+PRE_WARMUP = [name for name in MSVIT_RECIPES if name]
+MSVIT_RECIPES = {name: [*args, *NO_PHASE_WARMUP] if name else args
+                 for name, args in {**MSVIT_RECIPES, "nowarmup_": []}.items()}  # fmt: skip
 ONE_SEED = ("sampled_",)
 MSVIT_RECIPE_TARGETS = dict.fromkeys(MSVIT_RECIPES, TARGETS) | {"paper_": [0.5]}
 MSVIT_RECIPE_SEEDS = {("noisefree_", 0.75): [0], **{(recipe, t): [0] for recipe in ONE_SEED for t in TARGETS}}
@@ -180,12 +197,17 @@ def msvit_jobs(runs: Path, vit16: Path, quick: bool) -> dict:
     return jobs
 
 
-# The main job beside its defaults: GBaS weight 1 (the fresh run's default until the 15-epoch phase 0, where 0.3 and 1
-# were compared again), and the former 8-epoch phase 0 at both weights.
+# The main job beside its defaults. Its phase 0 had no warmup until the "no warmup" rows (the former main job) lost
+# to it on validation; "warmup in phase 0 only" is the main job before the later phases warmed up too. GBaS weight 1
+# was the fresh run's default until the 15-epoch phase 0, where 0.3 and 1 were compared again; 8 epochs the former
+# phase 0. Every recipe but the first two ran without any warmup.
+NO_WARMUP = ["--backbone_warmup_steps", "0"]
 FRESH_RECIPES = {
-    "fresh_gbas1_": ["--gbas_loss_weight", "1"],
-    "fresh_e8_gbas1_": ["--backbone_epochs", "8", "--gbas_loss_weight", "1"],
-    "fresh_e8_gbas0.3_": ["--backbone_epochs", "8", "--gbas_loss_weight", "0.3"],
+    "fresh_phase0warmup_": NO_PHASE_WARMUP,
+    "fresh_nowarmup_": [*NO_WARMUP, *NO_PHASE_WARMUP],
+    "fresh_gbas1_": ["--gbas_loss_weight", "1", *NO_WARMUP, *NO_PHASE_WARMUP],
+    "fresh_e8_gbas1_": ["--backbone_epochs", "8", "--gbas_loss_weight", "1", *NO_WARMUP, *NO_PHASE_WARMUP],
+    "fresh_e8_gbas0.3_": ["--backbone_epochs", "8", "--gbas_loss_weight", "0.3", *NO_WARMUP, *NO_PHASE_WARMUP],
 }
 
 
@@ -199,34 +221,75 @@ def main_job_jobs(runs: Path, quick: bool) -> dict:
     return jobs
 
 
-# The main job's phase 0 (its fresh ViT/16) as (learning rate, epochs), 3 seeds each: the example's defaults are the
-# best mean validation accuracy.
-MAIN_BACKBONE_RECIPES = [(2.5e-4, 8), (5e-4, 8), (1e-3, 8), (2e-3, 8), (1e-3, 15)]
+# The main job's phase 0 (its fresh ViT/16) as (learning rate, epochs, warmup fraction), 3 seeds each: the example's
+# defaults are the best mean validation accuracy.
+MAIN_BACKBONE_RECIPES = [(2.5e-4, 8, 0), (5e-4, 8, 0), (1e-3, 8, 0), (2e-3, 8, 0), (1e-3, 15, 0), (1e-3, 25, 0),
+                         (1e-3, 15, 0.1)]  # fmt: skip
 
 
-def main_backbone_name(lr: float, epochs: int, seed: int) -> str:
-    return f"mainvit_lr{lr}_s{seed}" if epochs == 8 else f"mainvit_lr{lr}_e{epochs}_s{seed}"
+def main_backbone_name(lr: float, epochs: int, warmup: float, seed: int) -> str:
+    return f"mainvit_lr{lr}" + (f"_e{epochs}" if epochs != 8 else "") + (f"_w{warmup}" if warmup else "") + f"_s{seed}"
 
 
 def main_backbone_jobs(runs: Path, quick: bool) -> dict:
     """Phase 0 of the main job alone (`--backbone_only`) for each of `MAIN_BACKBONE_RECIPES`, per seed."""
     jobs = {}
-    for lr, epochs in MAIN_BACKBONE_RECIPES:
-        length = ["--backbone_max_steps", "3"] if quick else [] if epochs == 8 else ["--backbone_epochs", str(epochs)]
+    for lr, epochs, warmup in MAIN_BACKBONE_RECIPES:
+        length = ["--backbone_max_steps", "3"] if quick else ["--backbone_epochs", str(epochs)]
         for seed in SEEDS:
-            name = main_backbone_name(lr, epochs, seed)
+            name = main_backbone_name(lr, epochs, warmup, seed)
             args = ["--backbone_only", "true", "--backbone_learning_rate", str(lr), "--seed", str(seed), *length]
-            jobs[name] = (runs / name, args)
+            jobs[name] = (runs / name, [*args, *(NO_WARMUP if not warmup else [])])
     return jobs
 
 
+# The upcycled recipe's choice between no warmup (the former default) and a warmup in each phase, which 3 seeds could
+# not separate on validation: both with 2 more seeds, validation only (rule fixed before these seeds ran: the lower
+# mean over targets of the seed standard deviation wins, unless its mean accuracy is more than 1 point under the
+# other's).
+CHOICE_RECIPES = {"": "warmup in each phase (now the default)", "nowarmup_": "no warmup (the former default)"}
+CHOICE_SEEDS = [3, 4]
+
+
+def choice_jobs(runs: Path, vit16: Path, quick: bool) -> dict:
+    if quick:
+        return {}
+    jobs = {}
+    for recipe, target, seed in [(r, t, s) for r in CHOICE_RECIPES for t in TARGETS for s in CHOICE_SEEDS]:
+        args = ["--model_name_or_path", str(vit16), "--gbas_target_ratio", str(target), "--seed", str(seed)]
+        jobs[f"msvit_{recipe}t{target}_s{seed}"] = (runs / f"msvit_{recipe}t{target}_s{seed}",
+                                                    [*args, *MSVIT_RECIPES[recipe]])  # fmt: skip
+    return jobs
+
+
+def recipe_choice(choice_runs: dict, dynamic_runs: dict, validation: "Split") -> list[dict]:
+    """Validation accuracy of `CHOICE_RECIPES` over every seed (`SEEDS` + `CHOICE_SEEDS`), per target and overall;
+    nothing in a quick run (no extra seeds)."""
+    if not choice_runs:
+        return []
+    runs = {**dynamic_runs, **choice_runs}
+    rows = []
+    for recipe, label in CHOICE_RECIPES.items():
+        per_target = {t: [correct_per_image(runs[f"msvit_{recipe}t{t}_s{s}"], validation).mean()
+                          for s in [*SEEDS, *CHOICE_SEEDS]] for t in TARGETS}  # fmt: skip
+        rows.append({"recipe": label, "seeds": len(SEEDS) + len(CHOICE_SEEDS),
+                     "accuracy": {t: [float(a) for a in values] for t, values in per_target.items()},
+                     "mean": float(np.mean(list(per_target.values()))),
+                     "mean_std": float(np.mean([np.std(values) for values in per_target.values()]))})  # fmt: skip
+    low, other = sorted(rows, key=lambda row: row["mean_std"])
+    chosen = low if low["mean"] >= other["mean"] - 0.01 else max(rows, key=lambda row: row["mean"])
+    for row in rows:
+        row["chosen"] = row is chosen
+    return rows
+
+
 def main_backbone_sweep(runs: dict, splits: dict) -> list[dict]:
-    """Per (lr, epochs) of `main_backbone_jobs`: validation and test accuracy, mean [min, max] over seeds."""
+    """Per (lr, epochs, warmup) of `main_backbone_jobs`: validation and test accuracy, mean [min, max] over seeds."""
     results = evaluate_static({name: path / "phase-backbone" / "final" for name, path in runs.items()}, splits)
     sweep = []
-    for lr, epochs in MAIN_BACKBONE_RECIPES:
-        seeds = [results[main_backbone_name(lr, epochs, seed)] for seed in SEEDS]
-        row = {"learning_rate": lr, "epochs": epochs, "seeds": len(seeds)}
+    for lr, epochs, warmup in MAIN_BACKBONE_RECIPES:
+        seeds = [results[main_backbone_name(lr, epochs, warmup, seed)] for seed in SEEDS]
+        row = {"learning_rate": lr, "epochs": epochs, "warmup": warmup, "seeds": len(seeds)}
         for key in ("validation_accuracy", "accuracy"):
             values = [result[key] for result in seeds]
             row[key], row[f"{key}_min"], row[f"{key}_max"] = float(np.mean(values)), min(values), max(values)
@@ -269,17 +332,12 @@ def all_coarse_vit(vit16):
     return coarse
 
 
-def fine_tune_static(source: Path, output_dir: Path, length: dict, quick: bool, convert=None) -> Path:
+def fine_tune_static(source: Path, output_dir: Path, length: dict, quick: bool, convert=None, seed: int = 0) -> Path:
     """A fair baseline: the static checkpoint `source` (optionally `convert`ed) trained further with the Trainer, at
     the joint phase's learning rate, for `length` (`num_train_epochs` or `max_steps`). Returns `output_dir`."""
     marker = output_dir / "study_done.json"
     if marker.exists():
         return output_dir
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
-
-    from hf_msvit.data import load_digits_on_canvas
-    from hf_msvit.training import ImageTransform, collate_fn
-
     started = time.time()
     torch.set_num_threads(1)
     model = AutoModelForImageClassification.from_pretrained(source)
@@ -289,7 +347,7 @@ def fine_tune_static(source: Path, output_dir: Path, length: dict, quick: bool, 
     args = TrainingArguments(
         output_dir=str(output_dir), **({"max_steps": 3} if quick else length), learning_rate=JOINT_LEARNING_RATE,
         weight_decay=0.05, per_device_train_batch_size=32, save_strategy="no", report_to="none", use_cpu=True,
-        remove_unused_columns=False, logging_steps=50, disable_tqdm=True, seed=0,
+        remove_unused_columns=False, logging_steps=50, disable_tqdm=True, seed=seed,
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=train, data_collator=collate_fn).train()
     model.save_pretrained(output_dir / "final")
@@ -299,10 +357,12 @@ def fine_tune_static(source: Path, output_dir: Path, length: dict, quick: bool, 
 
 
 def fair_jobs(runs: Path, best_dirs: dict, quick: bool) -> dict:
-    """`{name: (label, family, source checkpoint, length, convert, folder)}` of the equal-training baselines."""
+    """`{name: (label, family, source checkpoint, length, convert, folder, seed)}` of the equal-training baselines.
+    ViT/16's has every seed of the MSViT rows (seed 0 in the folder without a suffix): how far fine-tuning alone
+    spreads."""
     final = {kind: path / "phase-backbone" / "final" for kind, path in best_dirs.items()}
     epochs, steps = {"num_train_epochs": MSVIT_PHASE_EPOCHS}, DIT_STEPS["sparse"]
-    return {
+    jobs = {
         "vit16_fair": (f"ViT/16, + {MSVIT_PHASE_EPOCHS} epochs (MSViT's training)", "msvit", final["vit16"], epochs,
                        None, runs / "vit16_fair"),
         "vit32_fair": (f"ViT/32, + {MSVIT_PHASE_EPOCHS} epochs", "msvit", final["vit32"], epochs, None,
@@ -313,18 +373,21 @@ def fair_jobs(runs: Path, best_dirs: dict, quick: bool) -> dict:
         "pvt_b0_fair": (f"PVTv2-b0, + {steps} steps (DiT's training)", "dit", final["pvt_b0"], {"max_steps": steps},
                         None, runs / "pvt_b0_fair" if quick else DIT_RUNS / f"pvt_b0_plus{steps}"),
     }  # fmt: skip
+    jobs = {name: (*job, 0) for name, job in jobs.items()}
+    for seed in SEEDS[1:]:
+        jobs[f"vit16_fair_s{seed}"] = (*jobs["vit16_fair"][:5], runs / f"vit16_fair_s{seed}", seed)
+    return jobs
 
 
 class Split:
     """One split of the built-in data (or a variant of it), preprocessed once per image-processor setting."""
 
     def __init__(self, name: str, quick: bool, images=None, labels=None, **data_kwargs):
+        self.sources = None  # the source digit of each image (a digit is drawn at several positions)
         if images is None:
-            from hf_msvit.data import load_digits_on_canvas
-
             split = load_digits_on_canvas(copies=1 if quick else 2, **data_kwargs)[name]
             split = split.select(range(64)) if quick else split
-            images, labels = split["image"], split["label"]
+            images, labels, self.sources = split["image"], split["label"], np.array(split["source_index"])
         self.name = name
         self.images = [image.convert("RGB") for image in images]
         self.labels = torch.tensor(labels) if labels is not None else None
@@ -478,6 +541,42 @@ def evaluate_dynamic(runs: dict, splits: dict) -> dict:
     return results
 
 
+def correct_per_image(run_dir: Path, split: Split) -> np.ndarray:
+    """Whether the model in `run_dir` (at its default operating point) classifies each image of `split` right."""
+    model, processor = load(run_dir)
+    with torch.no_grad():
+        logits = torch.cat([model(batch).logits for batch in split.pixels(processor).split(128)])
+    return (logits.argmax(-1) == split.labels).numpy()
+
+
+def resampled_spreads(dynamic_runs: dict, baselines: list[dict], fair_dirs: list[Path], split: Split) -> list[dict]:
+    """How much of a seed spread the test split's sampling alone makes: per MSViT group of 3+ seeds (and the ViT/16
+    fine-tuned with every seed), the spread (max - min accuracy over seeds) on 2,000 resamples of the test split's
+    source digits with replacement (both positions of a digit go together): its 5/50/95% quantiles and the share of
+    resamples within 2 points."""
+    groups = {label: [dynamic_runs[n] for n in dynamic_runs if n.startswith(prefix)]
+              for (family, prefix), (label, _) in GROUPS.items() if family == "msvit"}  # fmt: skip
+    fair = [path / "final" for path in fair_dirs if path.name.startswith("vit16_fair")]
+    groups[next(row["label"] for row in baselines if row["name"] == "vit16_fair")] = fair
+    digits = np.unique(split.sources)
+    rows_of_digit = [np.flatnonzero(split.sources == digit) for digit in digits]
+    draws = np.random.default_rng(0).integers(0, len(digits), size=(2000, len(digits)))
+    rows = []
+    for label, runs in groups.items():
+        if len(runs) < 3:
+            continue
+        correct = np.stack([correct_per_image(path, split) for path in runs])  # (seeds, images)
+        per_digit = np.stack([correct[:, index].sum(1) for index in rows_of_digit], 1)  # (seeds, digits)
+        counts = np.array([len(index) for index in rows_of_digit])
+        accuracy = per_digit[:, draws].sum(-1) / counts[draws].sum(-1)  # (seeds, resamples)
+        spread = accuracy.max(0) - accuracy.min(0)
+        observed = correct.mean(1)
+        rows.append({"label": label, "seeds": len(runs), "spread": float(observed.max() - observed.min()),
+                     **{f"spread_q{q}": float(np.quantile(spread, q / 100)) for q in (5, 50, 95)},
+                     "share_within_2_points": float((spread <= 0.02 + 1e-9).mean())})  # fmt: skip
+    return rows
+
+
 def gate_logit_range(model, processor, split: Split) -> dict:
     """The 1% and 99% quantiles of the gate's logits over the regions of `split`: a drifted gate shows here."""
     with torch.no_grad():
@@ -506,16 +605,23 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
         ("msvit", f"msvit_gbas1_t{t}_"): (f"MSViT target {t}, GBaS weight 1 (the default before 0.3)", f"fine {t}")
         for t in TARGETS
     },
-    **{("msvit", f"msvit_nologitpen_t{t}_"): (f"MSViT target {t}, the former default", f"fine {t}") for t in TARGETS},
+    **{("msvit", f"msvit_nologitpen_t{t}_"): (f"MSViT target {t}, as the defaults", f"fine {t}") for t in TARGETS},
+    **{("msvit", f"msvit_jlr2.5e-4_t{t}_"): (f"MSViT target {t}, joint lr 2.5e-4", f"fine {t}") for t in TARGETS},
+    **{("msvit", f"msvit_nowarmup_t{t}_"): (f"MSViT target {t}, no warmup (the former default)", f"fine {t}")
+       for t in TARGETS},
     ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
-    ("msvit", "fresh_gbas1_"): ("The main job with GBaS weight 1", "fine 0.25"),
-    ("msvit", "fresh_e8_gbas1_"): ("The main job, phase 0 of 8 epochs, GBaS weight 1", "fine 0.25"),
-    ("msvit", "fresh_e8_gbas0.3_"): ("The main job, phase 0 of 8 epochs, GBaS weight 0.3", "fine 0.25"),
+    ("msvit", "fresh_phase0warmup_"): ("The main job, warmup in phase 0 only", "fine 0.25"),
+    ("msvit", "fresh_nowarmup_"): ("The main job, no warmup (the former default)", "fine 0.25"),
+    ("msvit", "fresh_gbas1_"): ("The main job with GBaS weight 1, no warmup", "fine 0.25"),
+    ("msvit", "fresh_e8_gbas1_"): ("The main job, phase 0 of 8 epochs, GBaS weight 1, no warmup", "fine 0.25"),
+    ("msvit", "fresh_e8_gbas0.3_"): ("The main job, phase 0 of 8 epochs, GBaS weight 0.3, no warmup", "fine 0.25"),
     **{("dit", f"sparse_b{b}_"): (f"DiT-b0 budget {b}", f"compute {b}") for b in BUDGETS},
     ("dit", "paper_b0.8_"): ("DiT-b0 budget 0.8, the paper's recipe", "compute 0.8"),
 }
 PRE_LOGIT_PENALTY_PREFIXES = tuple(f"msvit_{recipe}t" for recipe in PRE_LOGIT_PENALTY)
-GROUPS = {key: (label + (", no logit penalty" if key[1].startswith(PRE_LOGIT_PENALTY_PREFIXES) else ""), target)
+PRE_WARMUP_PREFIXES = tuple(f"msvit_{recipe}t" for recipe in PRE_WARMUP)
+GROUPS = {key: (label + (", no logit penalty" if key[1].startswith(PRE_LOGIT_PENALTY_PREFIXES) else "")
+                + (", no warmup" if key[1].startswith(PRE_WARMUP_PREFIXES) else ""), target)
           for key, (label, target) in GROUPS.items()}  # fmt: skip
 SPREAD_KEYS = ("accuracy", "token_ratio", "macs_fraction", "gmacs")
 LEVEL_KEYS = ("logit_offset", "accuracy_uncalibrated", "token_ratio_uncalibrated", "blank_token_ratio",
@@ -579,8 +685,10 @@ def main():
     dynamic_runs = run_all({**dynamic_jobs, **dit_jobs(runs_dir, pvt, args.quick)})
     dynamic = evaluate_dynamic(dynamic_runs, splits)
     main_sweep = main_backbone_sweep(run_all(main_backbone_jobs(runs_dir, args.quick)), splits)
+    choice = recipe_choice(run_all(choice_jobs(runs_dir, vit16, args.quick)), dynamic_runs, splits["validation"])
     if any(name.startswith("main_") for name in dynamic_runs):
         baselines.append(main_job_backbones(dynamic_runs, splits))
+    spreads = resampled_spreads(dynamic_runs, baselines, fair_dirs, splits["test"])
     payload = {
         "quick": args.quick,
         "split": "test",
@@ -590,6 +698,8 @@ def main():
         "baselines": baselines,
         "dynamic": dynamic,
         "summary": summarize(dynamic),
+        "resampled_spreads": spreads,
+        "recipe_choice": choice,
         "num_images": len(splits["test"].labels),
         "not_run": NOT_RUN,
         "train_seconds": train_seconds([*static_runs.values(), *fair_dirs, *dynamic_runs.values()]),
@@ -623,30 +733,39 @@ def main_job_backbones(dynamic_runs: dict, splits: dict) -> dict:
     """The static ViTs the main job trains in its phase 0 (one per seed), on test: a baseline row (mean over seeds)."""
     main = {name: path for name, path in dynamic_runs.items() if name.startswith("main_")}
     results = evaluate_static({name: path / "phase-backbone" / "final" for name, path in main.items()}, splits)
-    label = "The main job's own ViT/16 (phase 0), mean over seeds"
-    row = {"name": "main_backbones", "label": label, "family": "msvit"}
-    for key in ("accuracy", "accuracy_se", "gmacs", "validation_accuracy"):
-        row[key] = float(np.mean([result[key] for result in results.values()]))
-    row["accuracy_min"], row["accuracy_max"] = (f([r["accuracy"] for r in results.values()]) for f in (min, max))
-    row["per_seed"] = {name: result["accuracy"] for name, result in results.items()}  # named as the MSViT runs
-    return {**row, "macs_fraction": 1.0, "seeds": len(results)}
+    label = "The main job's own ViT/16 (phase 0)"
+    return {**seed_mean_row("main_backbones", label, results), "family": "msvit", "macs_fraction": 1.0}
 
 
 def fair_baselines(runs_dir: Path, best_dirs: dict, splits: dict, quick: bool) -> tuple[list[dict], list[Path]]:
-    """Trains (two at a time) and evaluates the equal-training baselines: `(rows, run folders)`."""
+    """Trains (two at a time) and evaluates the equal-training baselines: `(rows, run folders)`, one row per label
+    (a label trained with several seeds: their mean, as `seed_mean_row`)."""
     jobs = fair_jobs(runs_dir, best_dirs, quick)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(fine_tune_static, source, folder, length, quick, convert)
-                   for name, (_, _, source, length, convert, folder) in jobs.items()}  # fmt: skip
+        futures = {name: pool.submit(fine_tune_static, source, folder, length, quick, convert, seed)
+                   for name, (_, _, source, length, convert, folder, seed) in jobs.items()}  # fmt: skip
         dirs = {name: future.result() for name, future in futures.items()}
     results = evaluate_static({name: path / "final" for name, path in dirs.items()}, splits)
     reference = {"msvit": "vit16", "dit": "pvt_b0"}
     rows = []
-    for name, (label, family, *_rest) in jobs.items():
+    for label in dict.fromkeys(label for label, *_rest in jobs.values()):
+        names = [name for name, (other, *_rest) in jobs.items() if other == label]
+        family = jobs[names[0]][1]
         static = static_gmacs(best_dirs[reference[family]] / "phase-backbone" / "final")
-        rows.append({"name": name, "label": label, "family": family, **results[name],
-                     "macs_fraction": results[name]["gmacs"] / static})  # fmt: skip
+        row = seed_mean_row(names[0], label, {name: results[name] for name in names}) if len(names) > 1 else {
+            "name": names[0], "label": label, **results[names[0]]}  # fmt: skip
+        rows.append({**row, "family": family, "macs_fraction": results[names[0]]["gmacs"] / static})
     return rows, list(dirs.values())
+
+
+def seed_mean_row(name: str, label: str, results: dict) -> dict:
+    """A baseline row over seeds: the mean of each number, accuracy's min, max and per-seed values."""
+    row = {"name": name, "label": label}
+    for key in ("accuracy", "accuracy_se", "gmacs", "validation_accuracy"):
+        row[key] = float(np.mean([result[key] for result in results.values()]))
+    row["accuracy_min"], row["accuracy_max"] = (f([r["accuracy"] for r in results.values()]) for f in (min, max))
+    row["per_seed"] = {name: result["accuracy"] for name, result in results.items()}
+    return {**row, "seeds": len(results)}
 
 
 def write_atomic(path: Path, text: str):
@@ -685,6 +804,8 @@ def render_tables(payload) -> str:
         lines.append(f"| {names[kind]} | {lr}{mark} | {result['validation_accuracy']:.3f} | "
                      f"{result['accuracy']:.3f} ± {result['accuracy_se']:.3f} | {result['gmacs']:.4f} |")  # fmt: skip
     lines += ["", *render_main_backbone_sweep(payload.get("main_backbone_sweep", []))]
+    lines += ["", *render_resampled_spreads(payload.get("resampled_spreads", []))]
+    lines += ["", *render_recipe_choice(payload.get("recipe_choice", []))]
     lines += ["", "**MSViT's level**", "", *render_msvit_level(payload), "", "**Threshold sweeps**", "",
               *render_study_thresholds(payload), "", "**MSViT per seed**", "",
               *render_msvit_seeds(payload)]  # fmt: skip
@@ -695,14 +816,44 @@ def render_main_backbone_sweep(sweep: list[dict]) -> list[str]:
     """The main job's phase-0 recipes (`main_backbone_sweep`), the best mean validation accuracy marked."""
     lines = ["**The main job's phase 0** (its fresh ViT/16; mean [min-max] over seeds; the example's defaults are the "
              "best mean on validation):", "",
-             "| learning rate | epochs | seeds | validation accuracy | test accuracy |",
-             "|---|---|---|---|---|"]  # fmt: skip
+             "| learning rate | epochs | warmup | seeds | validation accuracy | test accuracy |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     best = max(sweep, key=lambda row: row["validation_accuracy"]) if sweep else None
     for row in sweep:
         cells = [f"{row[k]:.3f} [{row[k + '_min']:.3f}-{row[k + '_max']:.3f}]"
                  for k in ("validation_accuracy", "accuracy")]
         lr = f"{row['learning_rate']:g}" + (" (best)" if row is best else "")
-        lines.append(f"| {lr} | {row['epochs']} | {row['seeds']} | {cells[0]} | {cells[1]} |")
+        warmup = f"{row['warmup']:.0%} of the steps" if row.get("warmup") else "none"
+        lines.append(f"| {lr} | {row['epochs']} | {warmup} | {row['seeds']} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def render_resampled_spreads(rows: list[dict]) -> list[str]:
+    """`resampled_spreads`: each seed spread beside the spread of the same models on resamples of the test split."""
+    lines = ["**Seed spreads and the test split's sampling** (max - min accuracy over seeds, in points; the same",
+             "models on 2,000 resamples of the test split's 180 source digits with replacement):", "",
+             "| models | seeds | spread on test | resampled: 5% / 50% / 95% | resamples within 2 points |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        quantiles = " / ".join(f"{100 * row[f'spread_q{q}']:.1f}" for q in (5, 50, 95))
+        lines.append(f"| {row['label']} | {row['seeds']} | {100 * row['spread']:.1f} | {quantiles} | "
+                     f"{row['share_within_2_points']:.0%} |")  # fmt: skip
+    return lines
+
+
+def render_recipe_choice(rows: list[dict]) -> list[str]:
+    """`recipe_choice`: validation accuracy per target over every seed, the rule's two numbers, the recipe chosen."""
+    if not rows:
+        return []
+    targets = " | ".join(f"target {t}: mean [min-max]" for t in TARGETS)
+    lines = [f"**The upcycled recipe's choice** (validation, {rows[0]['seeds']} seeds; the lower mean standard",
+             "deviation over seeds wins unless its mean accuracy is more than 1 point under the other's):", "",
+             f"| recipe | {targets} | mean | mean std | chosen |", "|---|" + "---|" * (len(TARGETS) + 3)]  # fmt: skip
+    for row in rows:
+        cells = " | ".join(f"{np.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}]" for v in row["accuracy"].values())
+        chosen = "yes" if row["chosen"] else "-"
+        spread = f"{100 * row['mean_std']:.1f} points"
+        lines.append(f"| {row['recipe']} | {cells} | {row['mean']:.3f} | {spread} | {chosen} |")
     return lines
 
 

@@ -31,6 +31,9 @@ TINY = {
     "backbone_max_steps": 1,
     "gate_only_max_steps": 1,
     "max_steps": 1,
+    # one-step phases: a warmup would leave their only step at learning rate 0
+    "warmup_steps": 0,
+    "backbone_warmup_steps": 0,
 }
 
 

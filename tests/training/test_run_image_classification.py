@@ -129,7 +129,7 @@ def test_fresh_run_defaults_per_model_type(script, tmp_path, recorded_phases, mo
     the gates at the gate lr (its own optimizer group), the rest at --learning_rate; command-line values win. Phase 0's
     warmup is its own: the later phases keep --warmup_steps."""
     canvas = 32 if model_type == "msvit" else 64
-    script.main(script_args(tmp_path / "a", model_type=model_type, canvas_size=canvas))
+    script.main(script_args(tmp_path / "a", model_type=model_type, canvas_size=canvas, backbone_warmup_steps=None))
     defaults = script.FRESH_MODEL_DEFAULTS[model_type]
     assert recorded_phases["backbone"]["learning_rate"] == defaults.backbone_learning_rate
     assert recorded_phases["gate"]["learning_rate"] == defaults.gate_learning_rate
