@@ -108,7 +108,10 @@ FRESH_MODEL_DEFAULTS = {
     # structure) and halves the compute. The gate as upcycled from any checkpoint (`UPCYCLING_DEFAULTS`). A warmup
     # over a tenth of phase 0, as ViTs from scratch are trained: its ViT/16s 0.878 instead of 0.865 on validation.
     "msvit": RecipeDefaults(
-        backbone_learning_rate=1e-3, gate_learning_rate=1e-2, config={"gbas_target_ratio": 0.25}, backbone_epochs=15.0,
+        backbone_learning_rate=1e-3,
+        gate_learning_rate=1e-2,
+        config={"gbas_target_ratio": 0.25},
+        backbone_epochs=15.0,
         backbone_warmup_steps=0.1,
     ),
     # PVTv2 from scratch stays at chance at 2e-3 on the built-in data (the loss stays at ln 10); 6e-4 is the best of
@@ -460,23 +463,21 @@ def joint_noise_scale(model_args: ModelArguments, start: StartingPoint) -> float
     return JOINT_PHASE_NOISE_SCALE
 
 
-def backbone_epochs(model_args: ModelArguments, model_type: str) -> float:
-    if model_args.backbone_epochs is not None:
-        return model_args.backbone_epochs
-    return FRESH_MODEL_DEFAULTS[model_type].backbone_epochs
+def fresh_default(model_args: ModelArguments, model_type: str, name: str):
+    """`--<name>` if given, else the model type's `FRESH_MODEL_DEFAULTS` value (phase 0's settings)."""
+    value = getattr(model_args, name)
+    return getattr(FRESH_MODEL_DEFAULTS[model_type], name) if value is None else value
 
 
-def backbone_learning_rate(model_args: ModelArguments, model_type: str) -> float:
-    if model_args.backbone_learning_rate is not None:
-        return model_args.backbone_learning_rate
-    return FRESH_MODEL_DEFAULTS[model_type].backbone_learning_rate
+def backbone_length(model_args: ModelArguments, model_type: str) -> dict:
+    """Phase 0's length overrides: `--backbone_max_steps` if > 0, else the epochs (`fresh_default`)."""
+    return phases.phase_length(fresh_default(model_args, model_type, "backbone_epochs"), model_args.backbone_max_steps)
 
 
 def backbone_warmup_steps(model_args: ModelArguments, model_type: str) -> int | float:
     """`--backbone_warmup_steps` or the model type's default; whole steps as an int (`TrainingArguments` reads a
     float under 1 as a fraction of the phase)."""
-    steps = model_args.backbone_warmup_steps
-    steps = FRESH_MODEL_DEFAULTS[model_type].backbone_warmup_steps if steps is None else steps
+    steps = fresh_default(model_args, model_type, "backbone_warmup_steps")
     if steps < 0 or (steps >= 1 and steps != int(steps)):
         raise ValueError(f"--backbone_warmup_steps {steps}: give a fraction in [0, 1) or a whole number of steps.")
     return steps if steps < 1 else int(steps)
@@ -576,8 +577,8 @@ def upcycle(start: StartingPoint, model_args: ModelArguments):
 def train_backbone(start: StartingPoint, runner: phases.PhaseRunner, model_args: ModelArguments) -> dict:
     """Phase 0: the static backbone from scratch. Returns its eval metrics (`backbone_eval_*`), if evaluated."""
     overrides = {
-        **phases.phase_length(backbone_epochs(model_args, start.model_type), model_args.backbone_max_steps),
-        "learning_rate": backbone_learning_rate(model_args, start.model_type),
+        **backbone_length(model_args, start.model_type),
+        "learning_rate": fresh_default(model_args, start.model_type, "backbone_learning_rate"),
         "warmup_steps": backbone_warmup_steps(model_args, start.model_type),
     }
     runner.run("backbone", start.backbone, overrides)
@@ -594,8 +595,7 @@ class TrainSummary:
 def train(start: StartingPoint, runner: phases.PhaseRunner, model_args: ModelArguments):
     """All phases. Returns `(model, TrainSummary)`; `model` is None after `--backbone_only`."""
     summary = TrainSummary()
-    backbone_length = phases.phase_length(backbone_epochs(model_args, start.model_type), model_args.backbone_max_steps)
-    if start.fresh and phases.runs(backbone_length):
+    if start.fresh and phases.runs(backbone_length(model_args, start.model_type)):
         summary.backbone_eval = train_backbone(start, runner, model_args)
     if start.fresh and model_args.backbone_only:
         return None, summary
@@ -620,7 +620,9 @@ def card_arguments(model_args: ModelArguments, data: Data, summary: TrainSummary
             "gate_only_epochs": model_args.gate_only_epochs,
             "gate_learning_rate": summary.gate_learning_rate,
             "backbone_epochs (from scratch)": (
-                None if model_args.model_name_or_path else backbone_epochs(model_args, model_args.model_type)
+                None
+                if model_args.model_name_or_path
+                else fresh_default(model_args, model_args.model_type, "backbone_epochs")
             ),
             "backbone_eval_accuracy": summary.backbone_eval.get("backbone_eval_accuracy"),
         },

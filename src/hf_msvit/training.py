@@ -298,7 +298,7 @@ def set_frozen_gate_level(model, batches, max_batches: int = 100) -> float:
     A frozen gate keeps the level its gate-only phase left (the level term no longer moves it); shifted once here, the
     joint phase trains on the decisions inference will take, with no calibration offset needed at inference."""
     embeddings, config = model.base_model.embeddings, model.config
-    with full_parameters(model):
+    with full_parameters(model), torch.no_grad():
         logits = [embeddings.gate_logits(batch["pixel_values"].to(model.device)).flatten()
                   for batch in itertools.islice(batches, max_batches)]  # fmt: skip
         logits = gather_across_processes(torch.cat(logits).float())
