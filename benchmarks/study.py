@@ -110,6 +110,12 @@ NO_PHASE_WARMUP = ["--warmup_steps", "0"]
 PRE_WARMUP = [name for name in MSVIT_RECIPES if name]
 MSVIT_RECIPES = {name: [*args, *NO_PHASE_WARMUP] if name else args
                  for name, args in {**MSVIT_RECIPES, "nowarmup_": []}.items()}  # fmt: skip
+# Every recipe beside the defaults was measured with the joint phase's samples cut at the threshold, the default until
+# the target cut (`LEVEL_CHOICE`): their rows say "cut at the threshold"; "thrlevel_" is the former default itself.
+THRESHOLD_CUT = ["--joint_gate_sampling_level", "threshold"]
+PRE_TARGET_CUT = [name for name in MSVIT_RECIPES if name]
+MSVIT_RECIPES = {name: [*args, *THRESHOLD_CUT] if name else args
+                 for name, args in {**MSVIT_RECIPES, "thrlevel_": []}.items()}  # fmt: skip
 ONE_SEED = ("sampled_",)
 MSVIT_RECIPE_TARGETS = dict.fromkeys(MSVIT_RECIPES, TARGETS) | {"paper_": [0.5]}
 MSVIT_RECIPE_SEEDS = {("noisefree_", 0.75): [0], **{(recipe, t): [0] for recipe in ONE_SEED for t in TARGETS}}
@@ -200,15 +206,17 @@ def msvit_jobs(runs: Path, vit16: Path, quick: bool) -> dict:
 # The main job beside its defaults. Its phase 0 had no warmup until the "no warmup" rows (the former main job) lost
 # to it on validation; "warmup in phase 0 only" is the main job before the later phases warmed up too. GBaS weight 1
 # was the fresh run's default until the 15-epoch phase 0, where 0.3 and 1 were compared again; 8 epochs the former
-# phase 0. Every recipe but the first two ran without any warmup.
+# phase 0. Every recipe but the first three ran without any warmup, all of them cut the samples at the threshold.
 NO_WARMUP = ["--backbone_warmup_steps", "0"]
 FRESH_RECIPES = {
+    "fresh_thrlevel_": [],
     "fresh_phase0warmup_": NO_PHASE_WARMUP,
     "fresh_nowarmup_": [*NO_WARMUP, *NO_PHASE_WARMUP],
     "fresh_gbas1_": ["--gbas_loss_weight", "1", *NO_WARMUP, *NO_PHASE_WARMUP],
     "fresh_e8_gbas1_": ["--backbone_epochs", "8", "--gbas_loss_weight", "1", *NO_WARMUP, *NO_PHASE_WARMUP],
     "fresh_e8_gbas0.3_": ["--backbone_epochs", "8", "--gbas_loss_weight", "0.3", *NO_WARMUP, *NO_PHASE_WARMUP],
 }
+FRESH_RECIPES = {name: [*args, *THRESHOLD_CUT] for name, args in FRESH_RECIPES.items()}
 
 
 def main_job_jobs(runs: Path, quick: bool) -> dict:
@@ -247,7 +255,7 @@ def main_backbone_jobs(runs: Path, quick: bool) -> dict:
 # not separate on validation: both with 2 more seeds, validation only (rule fixed before these seeds ran: the lower
 # mean over targets of the seed standard deviation wins, unless its mean accuracy is more than 1 point under the
 # other's).
-CHOICE_RECIPES = {"": "warmup in each phase (now the default)", "nowarmup_": "no warmup (the former default)"}
+CHOICE_RECIPES = {"thrlevel_": "warmup in each phase (chosen)", "nowarmup_": "no warmup (the default before)"}
 CHOICE_SEEDS = [3, 4]
 
 
@@ -281,6 +289,36 @@ def recipe_choice(choice_runs: dict, dynamic_runs: dict, validation: "Split") ->
     for row in rows:
         row["chosen"] = row is chosen
     return rows
+
+
+# Where the joint phase's sampled decisions are cut: at the threshold (the former default: the noise pulled the main
+# job's training ratio 0.055 above its 0.25 target) or at each batch's target fraction (now the default). Rule fixed
+# before the target cut's runs were evaluated: the target cut is taken unless its mean validation accuracy, from the
+# checkpoint (3 targets x 3 seeds) or in the main job (3 seeds), is more than 1 point under the threshold cut's.
+LEVEL_CHOICE = {"target": ("", "main_"), "threshold": ("thrlevel_", "fresh_thrlevel_")}  # (upcycled recipe, main job)
+MAIN_JOB_TARGET = 0.25
+
+
+def sampling_level_choice(dynamic: dict) -> list[dict]:
+    """Per `LEVEL_CHOICE`: mean validation accuracy from the checkpoint and in the main job, the largest distance of a
+    training ratio from its target, and the cut the rule chooses; nothing when a run is missing (quick runs)."""
+    runs = {level: ([(dynamic.get(f"msvit_{recipe}t{t}_s{s}"), t) for t in TARGETS for s in SEEDS],
+                    [(dynamic.get(f"{fresh}s{s}"), MAIN_JOB_TARGET) for s in SEEDS])
+            for level, (recipe, fresh) in LEVEL_CHOICE.items()}  # fmt: skip
+    if any(result is None for pair in runs.values() for group in pair for result, _ in group):
+        return []
+    rows = {}
+    for level, groups in runs.items():
+        rows[level] = {"level": level, "seeds": len(SEEDS),
+                       **{f"validation_{path}": float(np.mean([r["validation_accuracy"] for r, _ in group]))
+                          for path, group in zip(("checkpoint", "main_job"), groups)},
+                       **{f"train_drift_{path}": max(abs(r["train_token_ratio"] - t) for r, t in group)
+                          for path, group in zip(("checkpoint", "main_job"), groups)}}  # fmt: skip
+    target, threshold = rows["target"], rows["threshold"]
+    keep = all(target[f"validation_{p}"] >= threshold[f"validation_{p}"] - 0.01 for p in ("checkpoint", "main_job"))
+    for level, row in rows.items():
+        row["chosen"] = (level == "target") == keep
+    return list(rows.values())
 
 
 def main_backbone_sweep(runs: dict, splits: dict) -> list[dict]:
@@ -551,13 +589,16 @@ def correct_per_image(run_dir: Path, split: Split) -> np.ndarray:
 
 def resampled_spreads(dynamic_runs: dict, baselines: list[dict], fair_dirs: list[Path], split: Split) -> list[dict]:
     """How much of a seed spread the test split's sampling alone makes: per MSViT group of 3+ seeds (and the ViT/16
-    fine-tuned with every seed), the spread (max - min accuracy over seeds) on 2,000 resamples of the test split's
-    source digits with replacement (both positions of a digit go together): its 5/50/95% quantiles and the share of
-    resamples within 2 points."""
+    fine-tuned with every seed, and the main job's own phase-0 ViT/16s), the spread (max - min accuracy over seeds)
+    on 2,000 resamples of the test split's source digits with replacement (both positions of a digit go together):
+    its 5/50/95% quantiles and the share of resamples within 2 points."""
     groups = {label: [dynamic_runs[n] for n in dynamic_runs if n.startswith(prefix)]
               for (family, prefix), (label, _) in GROUPS.items() if family == "msvit"}  # fmt: skip
     fair = [path / "final" for path in fair_dirs if path.name.startswith("vit16_fair")]
     groups[next(row["label"] for row in baselines if row["name"] == "vit16_fair")] = fair
+    own = [path / "phase-backbone" / "final" for name, path in dynamic_runs.items() if name.startswith("main_")]
+    if own:  # the backbones the main job's seeds start from: their spread is the main job's floor
+        groups[next(row["label"] for row in baselines if row["name"] == "main_backbones")] = own
     digits = np.unique(split.sources)
     rows_of_digit = [np.flatnonzero(split.sources == digit) for digit in digits]
     draws = np.random.default_rng(0).integers(0, len(digits), size=(2000, len(digits)))
@@ -607,11 +648,13 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
     },
     **{("msvit", f"msvit_nologitpen_t{t}_"): (f"MSViT target {t}, as the defaults", f"fine {t}") for t in TARGETS},
     **{("msvit", f"msvit_jlr2.5e-4_t{t}_"): (f"MSViT target {t}, joint lr 2.5e-4", f"fine {t}") for t in TARGETS},
-    **{("msvit", f"msvit_nowarmup_t{t}_"): (f"MSViT target {t}, no warmup (the former default)", f"fine {t}")
+    **{("msvit", f"msvit_nowarmup_t{t}_"): (f"MSViT target {t}, no warmup (the default before)", f"fine {t}")
        for t in TARGETS},
+    **{("msvit", f"msvit_thrlevel_t{t}_"): (f"MSViT target {t}, the former default", f"fine {t}") for t in TARGETS},
     ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
+    ("msvit", "fresh_thrlevel_"): ("The main job, the former default", "fine 0.25"),
     ("msvit", "fresh_phase0warmup_"): ("The main job, warmup in phase 0 only", "fine 0.25"),
-    ("msvit", "fresh_nowarmup_"): ("The main job, no warmup (the former default)", "fine 0.25"),
+    ("msvit", "fresh_nowarmup_"): ("The main job, no warmup (the default before)", "fine 0.25"),
     ("msvit", "fresh_gbas1_"): ("The main job with GBaS weight 1, no warmup", "fine 0.25"),
     ("msvit", "fresh_e8_gbas1_"): ("The main job, phase 0 of 8 epochs, GBaS weight 1, no warmup", "fine 0.25"),
     ("msvit", "fresh_e8_gbas0.3_"): ("The main job, phase 0 of 8 epochs, GBaS weight 0.3, no warmup", "fine 0.25"),
@@ -620,8 +663,10 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
 }
 PRE_LOGIT_PENALTY_PREFIXES = tuple(f"msvit_{recipe}t" for recipe in PRE_LOGIT_PENALTY)
 PRE_WARMUP_PREFIXES = tuple(f"msvit_{recipe}t" for recipe in PRE_WARMUP)
+PRE_TARGET_CUT_PREFIXES = (*(f"msvit_{recipe}t" for recipe in [*PRE_TARGET_CUT, "thrlevel_"]), *FRESH_RECIPES)
 GROUPS = {key: (label + (", no logit penalty" if key[1].startswith(PRE_LOGIT_PENALTY_PREFIXES) else "")
-                + (", no warmup" if key[1].startswith(PRE_WARMUP_PREFIXES) else ""), target)
+                + (", no warmup" if key[1].startswith(PRE_WARMUP_PREFIXES) else "")
+                + (", cut at the threshold" if key[1].startswith(PRE_TARGET_CUT_PREFIXES) else ""), target)
           for key, (label, target) in GROUPS.items()}  # fmt: skip
 SPREAD_KEYS = ("accuracy", "token_ratio", "macs_fraction", "gmacs")
 LEVEL_KEYS = ("logit_offset", "accuracy_uncalibrated", "token_ratio_uncalibrated", "blank_token_ratio",
@@ -685,6 +730,7 @@ def main():
     dynamic_runs = run_all({**dynamic_jobs, **dit_jobs(runs_dir, pvt, args.quick)})
     dynamic = evaluate_dynamic(dynamic_runs, splits)
     choices = msvit_choices(runs_dir, vit16, dynamic_runs, baselines, fair_dirs, splits, args.quick)
+    choices["sampling_level_choice"] = sampling_level_choice(dynamic)
     payload = {
         "quick": args.quick,
         "split": "test",
@@ -812,6 +858,7 @@ def render_tables(payload) -> str:
     lines += ["", *render_main_backbone_sweep(payload.get("main_backbone_sweep", []))]
     lines += ["", *render_resampled_spreads(payload.get("resampled_spreads", []))]
     lines += ["", *render_recipe_choice(payload.get("recipe_choice", []))]
+    lines += ["", *render_sampling_level_choice(payload.get("sampling_level_choice", []))]
     lines += ["", "**MSViT's level**", "", *render_msvit_level(payload), "", "**Threshold sweeps**", "",
               *render_study_thresholds(payload), "", "**MSViT per seed**", "",
               *render_msvit_seeds(payload)]  # fmt: skip
@@ -860,6 +907,22 @@ def render_recipe_choice(rows: list[dict]) -> list[str]:
         chosen = "yes" if row["chosen"] else "-"
         spread = f"{100 * row['mean_std']:.1f} points"
         lines.append(f"| {row['recipe']} | {cells} | {row['mean']:.3f} | {spread} | {chosen} |")
+    return lines
+
+
+def render_sampling_level_choice(rows: list[dict]) -> list[str]:
+    """`sampling_level_choice`: where the joint phase's samples are cut, the rule's numbers, the cut chosen."""
+    if not rows:
+        return []
+    lines = [f"**Where the joint phase's samples are cut** (validation, {rows[0]['seeds']} seeds; the target cut is",
+             "taken unless its mean accuracy, from the checkpoint or in the main job, is more than 1 point under the",
+             "threshold cut's; drift: the largest distance of a run's training ratio from its target):", "",
+             "| cut | from the checkpoint (3 targets) | main job | drift, checkpoint / main job | chosen |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        lines.append(f"| {row['level']} | {row['validation_checkpoint']:.3f} | {row['validation_main_job']:.3f} | "
+                     f"{row['train_drift_checkpoint']:.3f} / {row['train_drift_main_job']:.3f} | "
+                     f"{'yes' if row['chosen'] else '-'} |")  # fmt: skip
     return lines
 
 

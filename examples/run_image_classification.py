@@ -28,7 +28,8 @@ The run is a sequence of phases, each one `Trainer` run with its own folder unde
 3. `phase-gate`: `--gate_only_epochs` with the backbone and head frozen, only the gates learn (`--gate_learning_rate`).
 4. `phase-joint`: `--num_train_epochs` of joint fine-tuning of everything: `--learning_rate` for the backbone and
    head, `--gate_learning_rate` for the gates. New MSViT gates learn on inference's decisions in phase 3 and the
-   joint phase samples them (`--joint_gate_noise_scale`, 0.5 by default for new gates).
+   joint phase samples them (`--joint_gate_noise_scale`, 0.5 by default for new gates), each batch's target fraction
+   of regions fine (`--joint_gate_sampling_level target`).
 
 Defaults that depend on the model type when training from scratch (backbone and gate learning rates, gate settings)
 live in one place, `FRESH_MODEL_DEFAULTS`; command-line values always win.
@@ -75,7 +76,7 @@ from hf_msvit import (
     phases,
 )
 from hf_msvit import data as builtin_data
-from hf_msvit.models.msvit.convert_vit_to_msvit import JOINT_PHASE_NOISE_SCALE
+from hf_msvit.models.msvit.convert_vit_to_msvit import JOINT_PHASE_NOISE_SCALE, JOINT_PHASE_SAMPLING_LEVEL
 from hf_msvit.training import (
     DynamicComputeTrainer,
     ImageTransform,
@@ -239,6 +240,13 @@ class ModelArguments:
         metadata={
             "help": "MSViT: `gate_noise_scale` of the joint phase (default: 0.5, sampled decisions, for new gates; "
             "the config's for an MSViT checkpoint)."
+        },
+    )
+    joint_gate_sampling_level: str | None = field(
+        default=None,
+        metadata={
+            "help": "MSViT: `gate_sampling_level` of the joint phase: `target` (default for new gates: the batch's "
+            "target fraction of regions fine) or `threshold`; the config's for an MSViT checkpoint."
         },
     )
     config_overrides: str | None = field(
@@ -456,11 +464,14 @@ def gate_learning_rate(model_args: ModelArguments, start: StartingPoint) -> floa
     return FRESH_MODEL_DEFAULTS[start.model_type].gate_learning_rate
 
 
-def joint_noise_scale(model_args: ModelArguments, start: StartingPoint) -> float | None:
-    """`--joint_gate_noise_scale` if given; sampled decisions for new MSViT gates (upcycled in this run)."""
-    if model_args.joint_gate_noise_scale is not None or start.model is not None or start.model_type != "msvit":
-        return model_args.joint_gate_noise_scale
-    return JOINT_PHASE_NOISE_SCALE
+def joint_phase(model_args: ModelArguments, start: StartingPoint) -> phases.JointPhase:
+    """What the joint phase changes: the `--joint_*` values given; new MSViT gates (upcycled in this run) otherwise
+    sample their decisions (`JOINT_PHASE_NOISE_SCALE`) at the target level (`JOINT_PHASE_SAMPLING_LEVEL`)."""
+    noise, level = model_args.joint_gate_noise_scale, model_args.joint_gate_sampling_level
+    if start.model is None and start.model_type == "msvit":
+        noise = JOINT_PHASE_NOISE_SCALE if noise is None else noise
+        level = JOINT_PHASE_SAMPLING_LEVEL if level is None else level
+    return phases.JointPhase(model_args.joint_gate_training_mode, model_args.joint_gate_learning_rate, noise, level)
 
 
 def fresh_default(model_args: ModelArguments, model_type: str, name: str):
@@ -603,9 +614,7 @@ def train(start: StartingPoint, runner: phases.PhaseRunner, model_args: ModelArg
     start.backbone = None
     summary.gate_learning_rate = gate_learning_rate(model_args, start)
     gate_length = phases.phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps)
-    joint = phases.JointPhase(
-        model_args.joint_gate_training_mode, model_args.joint_gate_learning_rate, joint_noise_scale(model_args, start)
-    )
+    joint = joint_phase(model_args, start)
     summary.phases = runner.train_gates_then_jointly(model, gate_length, summary.gate_learning_rate, joint)
     return model, summary
 

@@ -246,7 +246,7 @@ class PhaseRunner:
                 unfreeze_all(model)
         args = self.training_args
         if args.do_train and runs({"num_train_epochs": args.num_train_epochs, "max_steps": args.max_steps}):
-            for field_name in ("gate_training_mode", "gate_noise_scale"):
+            for field_name in ("gate_training_mode", "gate_noise_scale", "gate_sampling_level"):
                 if getattr(joint, field_name) is not None and model.config.model_type == "msvit":
                     setattr(model.config, field_name, getattr(joint, field_name))
             joint_lr = gate_learning_rate if joint.gate_learning_rate is None else joint.gate_learning_rate
@@ -276,12 +276,13 @@ class PhaseRunner:
 @dataclasses.dataclass
 class JointPhase:
     """What the joint phase changes: an MSViT's `gate_training_mode` (e.g. `straight_through`, the selected tokens
-    only: a cheaper step) and `gate_noise_scale` (None: as in the gate-only phase), and the gates' learning rate
-    (None: the gate-only phase's; 0: frozen)."""
+    only: a cheaper step), `gate_noise_scale` and `gate_sampling_level` (None: as in the gate-only phase), and the
+    gates' learning rate (None: the gate-only phase's; 0: frozen)."""
 
     gate_training_mode: str | None = None
     gate_learning_rate: float | None = None
     gate_noise_scale: float | None = None
+    gate_sampling_level: str | None = None
 
 
 def last_phase_metrics(phases: dict[str, dict]) -> dict:

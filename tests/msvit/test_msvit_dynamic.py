@@ -20,7 +20,7 @@ from transformers import (
 
 from hf_msvit import MSViTConfig, MSViTForImageClassification, MSViTImageProcessor, MSViTModel
 from hf_msvit.models.msvit.convert_vit_to_msvit import JOINT_PHASE_NOISE_SCALE
-from hf_msvit.models.msvit.modeling_msvit import MSViTLayer, partition_by_length, patchify
+from hf_msvit.models.msvit.modeling_msvit import MSViTLayer, partition_by_length, patchify, sample_gate
 
 from tiny_models import tiny_msvit_config
 
@@ -526,6 +526,35 @@ def test_level_term_brings_a_saturated_gate_to_the_target_in_training(target, de
     ratio, calibrated, uncalibrated = train_gate_from_bias(1.0, target, decisions=decisions)
     assert ratio == pytest.approx(target, abs=0.05)
     assert uncalibrated == pytest.approx(target, abs=0.1) and calibrated == pytest.approx(uncalibrated, abs=0.05)
+
+
+AT_TARGET = {**SAMPLED, "gate_sampling_level": "target"}  # the classification example's joint phase
+
+
+@pytest.mark.parametrize("target", [0.25, 0.75])
+def test_sampling_at_the_target_level_needs_the_level_term_for_inference(target):
+    """Cut at the target (`gate_sampling_level="target"`), every batch of sampled training decisions has the target
+    fraction fine, even from bias -20 where nothing would be fine at the threshold: training sees inference's token
+    mix. The cut alone does not move the gate: inference stays all coarse unless the level term brings it there."""
+    stuck, _, stuck_uncalibrated = train_gate_from_bias(0.0, target, decisions=AT_TARGET)
+    assert stuck == pytest.approx(target, abs=0.02) and stuck_uncalibrated == 0.0
+    ratio, _, uncalibrated = train_gate_from_bias(1.0, target, decisions=AT_TARGET)
+    assert ratio == pytest.approx(target, abs=0.02) and uncalibrated == pytest.approx(target, abs=0.1)
+
+
+def test_sample_gate_at_the_target_ranks_the_noisy_logits_of_the_whole_batch():
+    """The target cut keeps round(target * regions) of the batch, not of each image (images differ in how much
+    detail they have), ranked on the noisy logits; with no noise the decisions stay inference's threshold."""
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0], [-2.0, -3.0, -4.0, -5.0]])
+    _, hard = sample_gate(logits, 1.0, 0.5, noise_scale=1e-4, target_ratio=0.25)
+    assert (hard > 0.5).tolist() == [[True, True, False, False], [False] * 4]
+    torch.manual_seed(0)
+    _, hard = sample_gate(torch.zeros(16, 36), 1.0, 0.5, noise_scale=0.5, target_ratio=0.3)
+    assert hard.sum() == round(0.3 * 16 * 36) and 0 < hard.sum(1).min() < hard.sum(1).max()
+    _, hard = sample_gate(logits, 1.0, 0.5, noise_scale=0.0, target_ratio=0.25)
+    assert hard.sum() == 4  # noise-free: logits >= 0
+    with pytest.raises(ValueError, match="gate_sampling_level must be one of"):
+        tiny_config(gate_sampling_level="quantile")
 
 
 def test_level_term_is_bounded_when_the_quantile_jumps():

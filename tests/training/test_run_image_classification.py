@@ -190,6 +190,10 @@ def test_upcycle_from_local_vit_checkpoint(script, tmp_path, recorded_phases):
     assert json.loads((out / "phase-gate" / "final" / "config.json").read_text())["gate_noise_scale"] == 0.0
     assert config["gate_noise_scale"] == script.JOINT_PHASE_NOISE_SCALE == 0.5
     assert config["gate_level_calibration"] is False
+    # ... cut at the target: the joint step's decisions (32 regions) send round(0.4 * 32) = 13 fine
+    assert config["gate_sampling_level"] == script.JOINT_PHASE_SAMPLING_LEVEL == "target"
+    train = json.loads((out / "train_results.json").read_text())
+    assert train["train_fine_region_ratio"] == pytest.approx(13 / 32)
     # the backbone weights came from the ViT (the gate phase does not touch them)
     gate_phase = load_file(out / "phase-gate" / "final" / "model.safetensors")
     torch.testing.assert_close(gate_phase["msvit.embeddings.cls_token"], vit.vit.embeddings.cls_token.detach())
@@ -291,3 +295,20 @@ def test_several_cpu_processes_default_to_one_gloo_group(monkeypatch):
     assert phases.launch_defaults() == {"use_cpu": True, "ddp_backend": "gloo"}
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert phases.launch_defaults() == {}
+
+
+def test_joint_phase_defaults_apply_to_new_msvit_gates_only(script):
+    """New MSViT gates sample their joint-phase decisions at the target level; an MSViT checkpoint keeps its config's
+    (None: not changed), DiT has no such default, and command-line values win."""
+    parse = lambda *argv: script.ModelArguments(**dict(zip(argv[::2], argv[1::2])))  # noqa: E731
+    new_gates = script.StartingPoint("msvit", image_processor=None)
+    joint = script.joint_phase(parse(), new_gates)
+    assert (joint.gate_noise_scale, joint.gate_sampling_level) == (0.5, "target")
+    checkpoint = script.StartingPoint("msvit", image_processor=None, model=torch.nn.Linear(1, 1))
+    joint = script.joint_phase(parse(), checkpoint)
+    assert (joint.gate_noise_scale, joint.gate_sampling_level) == (None, None)
+    joint = script.joint_phase(parse(), script.StartingPoint("dit_routing", image_processor=None))
+    assert (joint.gate_noise_scale, joint.gate_sampling_level) == (None, None)
+    given = parse("joint_gate_noise_scale", 1.0, "joint_gate_sampling_level", "threshold")
+    joint = script.joint_phase(given, new_gates)
+    assert (joint.gate_noise_scale, joint.gate_sampling_level) == (1.0, "threshold")

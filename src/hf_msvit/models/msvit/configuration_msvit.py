@@ -30,6 +30,7 @@ getattr(_autodoc, "HARDCODED_CONFIG_FOR_MODELS", {}).setdefault("msvit", "MSViTC
 GATE_INPUTS = ("pixels", "embeddings")
 GBAS_INPUTS = ("probs", "samples")
 GATE_TRAINING_MODES = ("masked_attention", "straight_through")
+GATE_SAMPLING_LEVELS = ("threshold", "target")
 TOKEN_BATCHING_MODES = ("bucket", "pad", "per_image", "pack")
 AUTO_MAP = {
     "AutoConfig": "configuration_msvit.MSViTConfig",
@@ -93,6 +94,13 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
         probability `sigmoid(logit)`; 0 takes the deterministic decisions inference takes (`p >= gate_threshold`), with
         the straight-through gradient of `sigmoid(logit / gumbel_temperature)`, so training sees the token mix
         inference computes. As DiT's field of the same name.
+    gate_sampling_level (`str`, *optional*, defaults to `"threshold"`):
+        Where sampled training decisions (`gate_noise_scale > 0`) are cut. `"threshold"`: a region is fine when its
+        noisy probability is `>= gate_threshold`; the logistic noise then pulls the training ratio towards 0.5 wherever
+        logits sit near the threshold. `"target"`: the batch's `gbas_target_ratio` fraction of regions with the
+        highest noisy logits is fine, so the backbone trains on the token mix inference computes (the level term holds
+        inference's threshold at that level) while which regions go fine still varies. Noise-free decisions are
+        inference's either way.
     gate_level_loss_weight (`float`, *optional*, defaults to 0.0):
         Weight of the level term folded into the gate loss: the squared distance of the batch's `(1 -
         gbas_target_ratio)` quantile of the gate logits from `logit(gate_threshold)`. It holds the gate's own level
@@ -213,6 +221,7 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
     gate_threshold: float | int = 0.5
     gumbel_temperature: float | int = 1.0
     gate_noise_scale: float | int = 1.0
+    gate_sampling_level: str = "threshold"
     gate_level_loss_weight: float | int = 0.0
     gate_logit_loss_weight: float | int = 0.0
     gate_level_calibration: bool = True
@@ -258,6 +267,7 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
             ("token_batching", TOKEN_BATCHING_MODES),
             ("gbas_input", GBAS_INPUTS),
             ("gate_training_mode", GATE_TRAINING_MODES),
+            ("gate_sampling_level", GATE_SAMPLING_LEVELS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")

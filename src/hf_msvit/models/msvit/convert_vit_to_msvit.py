@@ -21,8 +21,9 @@ Unless told otherwise (`UPCYCLING_DEFAULTS`), an upcycled gate learns on the dec
 at weight 0.3 (at 1 it ordered the gates more than the task did: lower accuracy at every target, on validation), a
 logit penalty of 0.01 keeps its logits within reach of the threshold (without it one seed in three drifted to logits
 of -57.8 and scored 0.894 on validation, 0.925 with it), and inference subtracts no calibration offset; the examples'
-joint phase then samples the decisions (`JOINT_PHASE_NOISE_SCALE`). Why: docs/msvit.md, "The level and the training
-decisions", and the study's MSViT rows.
+joint phase then samples the decisions (`JOINT_PHASE_NOISE_SCALE`), the classification example keeping each batch's
+target fraction fine (`JOINT_PHASE_SAMPLING_LEVEL`). Why: docs/msvit.md, "The level and the training decisions", and
+the study's MSViT rows.
 """
 
 from transformers import AutoConfig, PreTrainedModel, ViTConfig, ViTForImageClassification, ViTModel
@@ -56,8 +57,12 @@ UPCYCLING_DEFAULTS = {
 }  # fmt: skip
 # The joint phase's training decisions once the gate has learned where to look: sampled, so the backbone is fine-tuned
 # on token mixes around the gate's level, not on one decision boundary (the examples' default). Half the Gumbel noise:
-# at 1 the sampled ratio drifted 0.08 from a 0.25 target (logistic noise pulls it to 0.5); at 0.5, within 0.05.
+# cut at the threshold, the sampled ratio drifted 0.08 from a 0.25 target at 1 (logistic noise pulls it to 0.5).
 JOINT_PHASE_NOISE_SCALE = 0.5
+# Where the classification example cuts those samples: the batch's target fraction of regions with the highest noisy
+# logits, so the backbone trains on inference's ratio (cut at the threshold, the noise pulled the main job's training
+# ratio to 0.305 for a 0.25 target). The segmentation example cuts at the threshold: its gates trained at 0.25 / 0.50.
+JOINT_PHASE_SAMPLING_LEVEL = "target"
 # Parameters MSViT adds to a ViT: they are initialized, not converted.
 NEW_PARAMETER_PREFIXES = ("embeddings.gate.", "batch_shaping.")
 

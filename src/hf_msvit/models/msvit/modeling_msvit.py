@@ -50,7 +50,7 @@ from .convert_vit_to_msvit import convert_vit_to_msvit
 # The config fields whose values fork this file (`transformers-mlinter` TRF041); `MSViTConfig`'s docstring says which
 # checkpoints take each value.
 # trf-ignore: TRF041 config.gate_input, config.gate_training_mode
-# trf-ignore: TRF041 config.gbas_input, config.gbas_gather_across_processes
+# trf-ignore: TRF041 config.gbas_input, config.gbas_gather_across_processes, config.gate_sampling_level
 
 
 # The tokenization arguments of every MSViT forward (`auto_docstring` reads them from here).
@@ -228,16 +228,24 @@ class GateDecisions(NamedTuple):
 
 
 def sample_gate(
-    logits: torch.Tensor, temperature: float, threshold: float, noise_scale: float = 1.0
+    logits: torch.Tensor,
+    temperature: float,
+    threshold: float,
+    noise_scale: float = 1.0,
+    target_ratio: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training decisions from gate logits: `(soft, hard)` with `soft` a Gumbel-sigmoid sample and `hard =
     1[soft >= threshold]` carrying the gradient of `soft` (straight-through). At threshold 0.5 and `noise_scale` 1 a
     region is fine with probability `sigmoid(logits)`, whatever the temperature; at `noise_scale` 0 the decision is
-    inference's, `sigmoid(logits) >= threshold`."""
+    inference's, `sigmoid(logits) >= threshold`. With `target_ratio` (and noise) the cut is instead the batch's
+    `target_ratio` fraction of regions with the highest noisy logits (`gate_sampling_level="target"`)."""
     uniform = torch.rand_like(logits).clamp(1e-6, 1.0 - 1e-6)
-    noise = (torch.log(uniform) - torch.log1p(-uniform)) * noise_scale
-    soft = torch.sigmoid((logits + noise) / temperature)
-    hard = (soft >= threshold).to(soft.dtype)
+    noisy = logits + (torch.log(uniform) - torch.log1p(-uniform)) * noise_scale
+    soft = torch.sigmoid(noisy / temperature)
+    if target_ratio is not None and noise_scale > 0:  # ranked on the logits: the sigmoid saturates into ties
+        hard = top_k_regions(noisy.detach().reshape(1, -1), float(target_ratio)).reshape(soft.shape).to(soft.dtype)
+    else:
+        hard = (soft >= threshold).to(soft.dtype)
     return soft, hard + soft - soft.detach()
 
 
@@ -378,7 +386,8 @@ class MSViTEmbeddings(nn.Module):
         logits = self.gate.calibrate(logits, batch_logits)
         probs = torch.sigmoid(logits)
         if self.training:
-            soft, values = sample_gate(logits, config.gumbel_temperature, threshold, config.gate_noise_scale)
+            level = config.gbas_target_ratio if config.gate_sampling_level == "target" else None
+            soft, values = sample_gate(logits, config.gumbel_temperature, threshold, config.gate_noise_scale, level)
             # GBaS shapes the gate probabilities (default) or, as the paper's wording reads, the samples.
             gbas_input = probs if config.gbas_input == "probs" else soft
             fine = values.detach() > 0.5
