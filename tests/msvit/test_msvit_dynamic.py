@@ -544,14 +544,19 @@ def test_sampling_at_the_target_level_needs_the_level_term_for_inference(target)
 
 def test_sample_gate_at_the_target_ranks_the_noisy_logits_of_the_whole_batch():
     """The target cut keeps round(target * regions) of the batch, not of each image (images differ in how much
-    detail they have), ranked on the noisy logits; with no noise the decisions stay inference's threshold."""
-    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0], [-2.0, -3.0, -4.0, -5.0]])
-    _, hard = sample_gate(logits, 1.0, 0.5, noise_scale=1e-4, target_ratio=0.25)
+    detail they have), ranked on the noisy logits, and its straight-through gradient is centred on the cut (between
+    the last region kept and the first dropped), not on the threshold; with no noise the decisions stay inference's."""
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0], [-2.0, -3.0, -4.0, -5.0]], requires_grad=True)
+    soft, hard = sample_gate(logits, 1.0, 0.5, noise_scale=1e-4, target_ratio=0.25)
     assert (hard > 0.5).tolist() == [[True, True, False, False], [False] * 4]
+    assert soft[0, 1].item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item(), abs=1e-3)  # cut at 3.5
+    hard.sum().backward()
+    largest = logits.grad.flatten().topk(2).indices.tolist()
+    assert sorted(largest) == [1, 2] and logits.grad[0, 1] == pytest.approx(0.235, abs=1e-3)  # both sides of 3.5
     torch.manual_seed(0)
     _, hard = sample_gate(torch.zeros(16, 36), 1.0, 0.5, noise_scale=0.5, target_ratio=0.3)
     assert hard.sum() == round(0.3 * 16 * 36) and 0 < hard.sum(1).min() < hard.sum(1).max()
-    _, hard = sample_gate(logits, 1.0, 0.5, noise_scale=0.0, target_ratio=0.25)
+    _, hard = sample_gate(logits.detach(), 1.0, 0.5, noise_scale=0.0, target_ratio=0.25)
     assert hard.sum() == 4  # noise-free: logits >= 0
     with pytest.raises(ValueError, match="gate_sampling_level must be one of"):
         tiny_config(gate_sampling_level="quantile")

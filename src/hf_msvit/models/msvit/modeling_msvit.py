@@ -238,15 +238,28 @@ def sample_gate(
     1[soft >= threshold]` carrying the gradient of `soft` (straight-through). At threshold 0.5 and `noise_scale` 1 a
     region is fine with probability `sigmoid(logits)`, whatever the temperature; at `noise_scale` 0 the decision is
     inference's, `sigmoid(logits) >= threshold`. With `target_ratio` (and noise) the cut is instead the batch's
-    `target_ratio` fraction of regions with the highest noisy logits (`gate_sampling_level="target"`)."""
+    `target_ratio` fraction of regions with the highest noisy logits (`gate_sampling_level="target"`), and `soft` is
+    centred on that cut, so the straight-through gradient is largest where the decisions switch."""
     uniform = torch.rand_like(logits).clamp(1e-6, 1.0 - 1e-6)
     noisy = logits + (torch.log(uniform) - torch.log1p(-uniform)) * noise_scale
+    if target_ratio is not None and noise_scale > 0:
+        noisy = noisy - batch_cut(noisy.detach(), target_ratio)
+        threshold = 0.5
     soft = torch.sigmoid(noisy / temperature)
-    if target_ratio is not None and noise_scale > 0:  # ranked on the logits: the sigmoid saturates into ties
-        hard = top_k_regions(noisy.detach().reshape(1, -1), float(target_ratio)).reshape(soft.shape).to(soft.dtype)
-    else:
-        hard = (soft >= threshold).to(soft.dtype)
+    hard = (soft >= threshold).to(soft.dtype)
     return soft, hard + soft - soft.detach()
+
+
+def batch_cut(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The score halfway between the `round(ratio * n)`-th highest of `scores` and the next: exactly that many lie
+    above it (one unit beyond the extremes when all or none do)."""
+    ranked = scores.flatten().sort(descending=True).values
+    count = round(float(ratio) * ranked.numel())
+    if count == 0:
+        return ranked[0] + 1
+    if count == ranked.numel():
+        return ranked[-1] - 1
+    return (ranked[count - 1] + ranked[count]) / 2
 
 
 def budget_count(budget: int | float, num_regions: int) -> int:
