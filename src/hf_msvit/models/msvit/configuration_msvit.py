@@ -98,9 +98,10 @@ class MSViTConfig(BackboneConfigMixin, PreTrainedConfig):
         Where sampled training decisions (`gate_noise_scale > 0`) are cut. `"threshold"`: a region is fine when its
         noisy probability is `>= gate_threshold`; the logistic noise then pulls the training ratio towards 0.5 wherever
         logits sit near the threshold. `"target"`: the batch's `gbas_target_ratio` fraction of regions with the
-        highest noisy logits is fine (the straight-through gradient centred on that cut), so the backbone trains on
-        the token mix inference computes (the level term holds inference's threshold at that level) while which
-        regions go fine still varies. Noise-free decisions are inference's either way.
+        highest noisy logits is fine (the straight-through gradient centred on that cut and blind to a shift of every
+        logit, as the ranked decisions are), so the backbone trains on the token mix inference computes (the level
+        term holds inference's threshold at that level) while which regions go fine still varies. Noise-free
+        decisions are inference's either way.
     gate_level_loss_weight (`float`, *optional*, defaults to 0.0):
         Weight of the level term folded into the gate loss: the squared distance of the batch's `(1 -
         gbas_target_ratio)` quantile of the gate logits from `logit(gate_threshold)`. It holds the gate's own level

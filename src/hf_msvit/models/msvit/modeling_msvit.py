@@ -239,11 +239,15 @@ def sample_gate(
     region is fine with probability `sigmoid(logits)`, whatever the temperature; at `noise_scale` 0 the decision is
     inference's, `sigmoid(logits) >= threshold`. With `target_ratio` (and noise) the cut is instead the batch's
     `target_ratio` fraction of regions with the highest noisy logits (`gate_sampling_level="target"`), and `soft` is
-    centred on that cut, so the straight-through gradient is largest where the decisions switch."""
+    centred on that cut, so the straight-through gradient is largest where the decisions switch (less its batch mean:
+    the decisions only rank)."""
     uniform = torch.rand_like(logits).clamp(1e-6, 1.0 - 1e-6)
     noisy = logits + (torch.log(uniform) - torch.log1p(-uniform)) * noise_scale
     if target_ratio is not None and noise_scale > 0:
-        noisy = noisy - batch_cut(noisy.detach(), target_ratio)
+        # Ranked decisions ignore a shift of every logit (the cut moves with them): in the backward the cut follows the
+        # batch's mean, so the task's gradient can reorder the regions but not move the level (the level term does).
+        mean = noisy.mean()
+        noisy = noisy - (mean + (batch_cut(noisy.detach(), target_ratio) - mean).detach())
         threshold = 0.5
     soft = torch.sigmoid(noisy / temperature)
     hard = (soft >= threshold).to(soft.dtype)
