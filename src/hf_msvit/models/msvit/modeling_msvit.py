@@ -258,7 +258,7 @@ def batch_cut(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """The score halfway between the `round(ratio * n)`-th highest of `scores` and the next: exactly that many lie
     above it (one unit beyond the extremes when all or none do)."""
     ranked = scores.flatten().sort(descending=True).values
-    count = round(float(ratio) * ranked.numel())
+    count = budget_count(float(ratio), ranked.numel())
     if count == 0:
         return ranked[0] + 1
     if count == ranked.numel():
