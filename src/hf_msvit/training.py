@@ -186,6 +186,8 @@ class DynamicComputeTrainer(Trainer):
       the values of the last logging window.
     - `gate_learning_rate`: the gate parameters (`gate_parameter_names`) form their own optimizer groups with this
       learning rate (same schedule and weight decay as the rest).
+    - Label smoothing (`label_smoothing_factor`) or `compute_loss_func`: the Trainer computes the task loss itself,
+      and the model's `routing_loss` (MSViT's weighted gate loss, DiT's budget loss) is added to it.
     - FSDP2: evaluation forwards run under `hf_msvit.distributed.full_parameters`, so processes whose images take
       different routes still run the same collectives.
     """
@@ -205,7 +207,14 @@ class DynamicComputeTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # With label smoothing (or `compute_loss_func`) the Trainer takes the labels and computes the task loss itself,
+        # so the model folds no routing loss into it: add it here, or the gates lose their level and budget terms.
+        own_task_loss = (self.label_smoother is not None or self.compute_loss_func is not None) and "labels" in inputs
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        routing_loss = getattr(self.model, "routing_loss", None)
+        routing = routing_loss(outputs) if own_task_loss and routing_loss is not None else None
+        if routing is not None:
+            loss = loss + routing
         spent = ComputeSpent.from_outputs(outputs)
         if spent is not None and model.training:
             self._add_to_train_window(spent, outputs.get("gate_loss"))

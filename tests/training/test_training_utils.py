@@ -230,3 +230,29 @@ def test_a_frozen_gate_gets_its_level_set_on_the_training_batches(gate_input):
         inference = model.eval()(pixels).fine_region_mask.float().mean().item()
         training = model.train()(pixels).fine_region_mask.float().mean().item()
     assert inference == pytest.approx(0.25, abs=1 / pixels.shape[0]) and training == inference
+
+
+@pytest.mark.parametrize("make_model", [tiny_msvit, tiny_dit])
+def test_label_smoothing_keeps_the_routing_loss(make_model, tmp_path):
+    """With label smoothing the Trainer takes the labels and computes the task loss itself; the model's gate / budget
+    loss must still be in the loss, or the gates train without their level (an MSViT gate went all fine)."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = make_model(num_labels=3).train()
+    data, _ = image_dataset(tiny_processor("msvit" if make_model is tiny_msvit else "dit_routing"))
+    batch = collate_fn([data[i] for i in range(4)])
+    trainer = trainer_for(model, tmp_path, label_smoothing_factor=0.1)
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(model, dict(batch))
+    torch.manual_seed(0)
+    outputs = model(pixel_values=batch["pixel_values"])
+    routing = model.routing_loss(outputs)
+    assert routing is not None and routing.abs() > 1e-4
+    expected = LabelSmoother(0.1)(outputs, batch["labels"]) + routing
+    torch.testing.assert_close(loss, expected)
+    # without smoothing the model folds the same routing loss into its own loss
+    plain_trainer = trainer_for(model, tmp_path)  # (a Trainer seeds torch when built)
+    torch.manual_seed(0)
+    plain = plain_trainer.compute_loss(model, dict(batch))
+    torch.manual_seed(0)
+    torch.testing.assert_close(plain, model(**batch).loss)

@@ -381,6 +381,12 @@ class DiTPreTrainedModel(PreTrainedModel):
         self.config.compute_budget_profile = profile
         return profile
 
+    def routing_loss(self, outputs) -> torch.Tensor | None:
+        """What a head adds to its task loss: `config.budget_loss_weight * budget_loss` (None outside dynamic
+        routing). A trainer that computes the task loss itself (label smoothing) adds this, as the heads do."""
+        budget_loss = outputs.get("budget_loss")
+        return None if budget_loss is None else self.config.budget_loss_weight * budget_loss
+
     @staticmethod
     def _routing_outputs(outputs: DiTModelOutput, macs: torch.Tensor) -> dict:
         """The fields a head passes through from the base model's `outputs` (`DiTRoutingOutput`, hidden states), with
@@ -581,8 +587,8 @@ class DiTForImageClassification(DiTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
-            if outputs.budget_loss is not None:
-                loss = loss + self.config.budget_loss_weight * outputs.budget_loss
+            routing = self.routing_loss(outputs)
+            loss = loss if routing is None else loss + routing
 
         return DiTImageClassifierOutput(loss=loss, logits=logits, **self._routing_outputs(outputs, macs))
 

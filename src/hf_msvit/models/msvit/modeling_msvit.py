@@ -638,11 +638,16 @@ class MSViTPreTrainedModel(PreTrainedModel):
             **kwargs,
         )
 
+    def routing_loss(self, outputs) -> torch.Tensor | None:
+        """What a head adds to its task loss: `config.gbas_loss_weight * gate_loss` (None when the gate did not run).
+        A trainer that computes the task loss itself (label smoothing) adds this, as the heads do with `labels`."""
+        gate_loss = outputs.get("gate_loss")
+        return None if gate_loss is None else self.config.gbas_loss_weight * gate_loss
+
     def _fold_gate_loss(self, task_loss: torch.Tensor, outputs: "MSViTModelOutput") -> torch.Tensor:
-        """A head's loss: its task loss plus `config.gbas_loss_weight * gate_loss` (when the gate ran)."""
-        if outputs.gate_loss is None:
-            return task_loss
-        return task_loss + self.config.gbas_loss_weight * outputs.gate_loss
+        """A head's loss: its task loss plus `routing_loss` (when the gate ran)."""
+        routing = self.routing_loss(outputs)
+        return task_loss if routing is None else task_loss + routing
 
     @staticmethod
     def _gate_outputs(outputs: "MSViTModelOutput", macs: torch.Tensor) -> dict:
