@@ -16,7 +16,7 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
 3. MSViT upcycled from the best ViT/16 with the example's defaults and nothing but the target
    (`--model_name_or_path <vit16> --gbas_target_ratio t`, the path users take) at targets 0.25, 0.5 and 0.75, 3 seeds
    each; the README's main job (a fresh ViT/16, then MSViT) with 3 seeds, and the sweep that chose its phase 0
-   (learning rate and length, 3 seeds each, on validation); and recipes beside the defaults: the
+   (size, learning rate and length, 3 seeds each, on validation); and recipes beside the defaults: the
    paper's (GBaS on the sampled decisions, learned prior temperatures with the notebook's L1, no calibration, no
    level term) at 0.5, 3 seeds; the former defaults (noise-free decisions in the joint phase too, calibrated) at every
    target; sampled decisions in the gate-only phase too (one seed per target); the joint phase with the full Gumbel
@@ -27,8 +27,10 @@ Every choice (the learning rate of each sweep) is made on validation; every numb
    before it say "no logit penalty" (the former default without it: its own rows). The gate-only and joint phases
    warm up over their first tenth by default; the rows measured before say "no warmup" (the former default: its own
    rows; it and the defaults also with 2 more seeds, on validation only: the choice between them). Also the joint
-   phase at lr 2.5e-4. The main job (15 epochs of phase 0, every phase warming up, GBaS weight 0.3) has rows with the
-   warmup in phase 0 only, without any, with GBaS weight 1 and with the former 8-epoch phase 0 beside it.
+   phase at lr 2.5e-4. The main job (the study's ViT/16 from scratch for 15 epochs at 5e-4, every phase warming up,
+   GBaS weight 0.3) has rows beside it with phase 0 at 2.5e-4 and on the former small ViT/16 (width 96, 3 layers):
+   as it was, cut at the threshold, with the warmup in phase 0 only, without any, with GBaS weight 1, with the former
+   8-epoch phase 0 and with label smoothing.
    Every model also evaluated with `gate_threshold` swept, with its level calibration switched off, and on two
    other distributions (blank canvases; scikit-learn's two photographs cut into 96 px tiles). Each seed spread is
    shown beside the spreads of the same models on resamples of the test split's digits.
@@ -217,6 +219,20 @@ FRESH_RECIPES = {
     "fresh_e8_gbas0.3_": ["--backbone_epochs", "8", "--gbas_loss_weight", "0.3", *NO_WARMUP, *NO_PHASE_WARMUP],
 }
 FRESH_RECIPES = {name: [*args, *THRESHOLD_CUT] for name, args in FRESH_RECIPES.items()}
+PRE_TARGET_CUT_FRESH = tuple(FRESH_RECIPES)
+# Every recipe above ran on the former main job's small ViT/16 (phase 0 at lr 1e-3): their rows say so, "fresh_vit96_"
+# is the former main job itself. The main job now trains the study's ViT/16 (`VIT`), the better on validation.
+SMALL_VIT = ["--hidden_size", "96", "--num_hidden_layers", "3", "--num_attention_heads", "3",
+             "--intermediate_size", "192"]  # fmt: skip
+FRESH_RECIPES = {name: [*args, *SMALL_VIT, "--backbone_learning_rate", "0.001"]
+                 for name, args in {**FRESH_RECIPES, "fresh_vit96_": []}.items()}  # fmt: skip
+SMALL_VIT_FRESH = tuple(FRESH_RECIPES)
+# The study's ViT/16 in the main job, phase 0 at 2.5e-4 (that ViT's best without warmup): the first wider main job.
+FRESH_RECIPES["fresh_lr2.5e-4_"] = ["--backbone_learning_rate", "0.00025"]
+# Label smoothing (DeiT's 0.1) in every phase, once the Trainer kept the gate loss with it (it had dropped it: the
+# gates went all fine). Rule fixed before its runs finished: the default only if the main job's mean validation
+# accuracy rises by more than a point (every other path would need re-measuring).
+FRESH_RECIPES["fresh_ls_"] = ["--label_smoothing_factor", "0.1"]
 
 
 def main_job_jobs(runs: Path, quick: bool) -> dict:
@@ -229,24 +245,28 @@ def main_job_jobs(runs: Path, quick: bool) -> dict:
     return jobs
 
 
-# The main job's phase 0 (its fresh ViT/16) as (learning rate, epochs, warmup fraction), 3 seeds each: the example's
-# defaults are the best mean validation accuracy.
-MAIN_BACKBONE_RECIPES = [(2.5e-4, 8, 0), (5e-4, 8, 0), (1e-3, 8, 0), (2e-3, 8, 0), (1e-3, 15, 0), (1e-3, 25, 0),
-                         (1e-3, 15, 0.1)]  # fmt: skip
+# The main job's phase 0 (its fresh ViT/16) as (size, learning rate, epochs, warmup fraction), 3 seeds each: the
+# example's defaults are the best mean validation accuracy. Sizes as width x layers: the former small ViT, the study's.
+VIT_SIZES = {"96x3": SMALL_VIT, "128x4": VIT}
+MAIN_BACKBONE_RECIPES = [("96x3", 2.5e-4, 8, 0), ("96x3", 5e-4, 8, 0), ("96x3", 1e-3, 8, 0), ("96x3", 2e-3, 8, 0),
+                         ("96x3", 1e-3, 15, 0), ("96x3", 1e-3, 25, 0), ("96x3", 1e-3, 15, 0.1),
+                         *(("128x4", lr, 15, 0.1) for lr in (1.25e-4, 2.5e-4, 5e-4, 1e-3))]  # fmt: skip
 
 
-def main_backbone_name(lr: float, epochs: int, warmup: float, seed: int) -> str:
-    return f"mainvit_lr{lr}" + (f"_e{epochs}" if epochs != 8 else "") + (f"_w{warmup}" if warmup else "") + f"_s{seed}"
+def main_backbone_name(size: str, lr: float, epochs: int, warmup: float, seed: int) -> str:
+    return (f"mainvit{'' if size == '96x3' else size}_lr{lr}" + (f"_e{epochs}" if epochs != 8 else "")
+            + (f"_w{warmup}" if warmup else "") + f"_s{seed}")  # fmt: skip
 
 
 def main_backbone_jobs(runs: Path, quick: bool) -> dict:
     """Phase 0 of the main job alone (`--backbone_only`) for each of `MAIN_BACKBONE_RECIPES`, per seed."""
     jobs = {}
-    for lr, epochs, warmup in MAIN_BACKBONE_RECIPES:
+    for size, lr, epochs, warmup in MAIN_BACKBONE_RECIPES:
         length = ["--backbone_max_steps", "3"] if quick else ["--backbone_epochs", str(epochs)]
         for seed in SEEDS:
-            name = main_backbone_name(lr, epochs, warmup, seed)
-            args = ["--backbone_only", "true", "--backbone_learning_rate", str(lr), "--seed", str(seed), *length]
+            name = main_backbone_name(size, lr, epochs, warmup, seed)
+            args = [*VIT_SIZES[size], "--backbone_only", "true", "--backbone_learning_rate", str(lr), "--seed",
+                    str(seed), *length]  # fmt: skip
             jobs[name] = (runs / name, [*args, *(NO_WARMUP if not warmup else [])])
     return jobs
 
@@ -295,7 +315,8 @@ def recipe_choice(choice_runs: dict, dynamic_runs: dict, validation: "Split") ->
 # job's training ratio 0.055 above its 0.25 target) or at each batch's target fraction (now the default). Rule fixed
 # before the target cut's runs were evaluated: the target cut is taken unless its mean validation accuracy, from the
 # checkpoint (3 targets x 3 seeds) or in the main job (3 seeds), is more than 1 point under the threshold cut's.
-LEVEL_CHOICE = {"target": ("", "main_"), "threshold": ("thrlevel_", "fresh_thrlevel_")}  # (upcycled recipe, main job)
+# (upcycled recipe, main job); the main job was then the small ViT's.
+LEVEL_CHOICE = {"target": ("", "fresh_vit96_"), "threshold": ("thrlevel_", "fresh_thrlevel_")}
 MAIN_JOB_TARGET = 0.25
 
 
@@ -322,12 +343,15 @@ def sampling_level_choice(dynamic: dict) -> list[dict]:
 
 
 def main_backbone_sweep(runs: dict, splits: dict) -> list[dict]:
-    """Per (lr, epochs, warmup) of `main_backbone_jobs`: validation and test accuracy, mean [min, max] over seeds."""
+    """Per (size, lr, epochs, warmup) of `main_backbone_jobs`: validation and test accuracy, mean [min, max] over
+    seeds, and the minutes a run took."""
     results = evaluate_static({name: path / "phase-backbone" / "final" for name, path in runs.items()}, splits)
     sweep = []
-    for lr, epochs, warmup in MAIN_BACKBONE_RECIPES:
-        seeds = [results[main_backbone_name(lr, epochs, warmup, seed)] for seed in SEEDS]
-        row = {"learning_rate": lr, "epochs": epochs, "warmup": warmup, "seeds": len(seeds)}
+    for size, lr, epochs, warmup in MAIN_BACKBONE_RECIPES:
+        names = [main_backbone_name(size, lr, epochs, warmup, seed) for seed in SEEDS]
+        seeds = [results[name] for name in names]
+        row = {"size": size, "learning_rate": lr, "epochs": epochs, "warmup": warmup, "seeds": len(seeds),
+               "minutes": train_seconds([runs[name] for name in names]) / 60 / len(names)}  # fmt: skip
         for key in ("validation_accuracy", "accuracy"):
             values = [result[key] for result in seeds]
             row[key], row[f"{key}_min"], row[f"{key}_max"] = float(np.mean(values)), min(values), max(values)
@@ -652,7 +676,10 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
        for t in TARGETS},
     **{("msvit", f"msvit_thrlevel_t{t}_"): (f"MSViT target {t}, the former default", f"fine {t}") for t in TARGETS},
     ("msvit", "main_"): ("The main job (fresh ViT/16, then MSViT at the example's defaults)", "fine 0.25"),
-    ("msvit", "fresh_thrlevel_"): ("The main job, the former default", "fine 0.25"),
+    ("msvit", "fresh_vit96_"): ("The main job", "fine 0.25"),
+    ("msvit", "fresh_thrlevel_"): ("The main job", "fine 0.25"),
+    ("msvit", "fresh_ls_"): ("The main job, label smoothing 0.1", "fine 0.25"),
+    ("msvit", "fresh_lr2.5e-4_"): ("The main job, phase 0 at lr 2.5e-4", "fine 0.25"),
     ("msvit", "fresh_phase0warmup_"): ("The main job, warmup in phase 0 only", "fine 0.25"),
     ("msvit", "fresh_nowarmup_"): ("The main job, no warmup (the default before)", "fine 0.25"),
     ("msvit", "fresh_gbas1_"): ("The main job with GBaS weight 1, no warmup", "fine 0.25"),
@@ -663,10 +690,11 @@ GROUPS = {  # summary row: (family, name prefix, label, target label)
 }
 PRE_LOGIT_PENALTY_PREFIXES = tuple(f"msvit_{recipe}t" for recipe in PRE_LOGIT_PENALTY)
 PRE_WARMUP_PREFIXES = tuple(f"msvit_{recipe}t" for recipe in PRE_WARMUP)
-PRE_TARGET_CUT_PREFIXES = (*(f"msvit_{recipe}t" for recipe in [*PRE_TARGET_CUT, "thrlevel_"]), *FRESH_RECIPES)
+PRE_TARGET_CUT_PREFIXES = (*(f"msvit_{recipe}t" for recipe in [*PRE_TARGET_CUT, "thrlevel_"]), *PRE_TARGET_CUT_FRESH)
 GROUPS = {key: (label + (", no logit penalty" if key[1].startswith(PRE_LOGIT_PENALTY_PREFIXES) else "")
                 + (", no warmup" if key[1].startswith(PRE_WARMUP_PREFIXES) else "")
-                + (", cut at the threshold" if key[1].startswith(PRE_TARGET_CUT_PREFIXES) else ""), target)
+                + (", cut at the threshold" if key[1].startswith(PRE_TARGET_CUT_PREFIXES) else "")
+                + (", small ViT/16 (width 96, 3 layers)" if key[1].startswith(SMALL_VIT_FRESH) else ""), target)
           for key, (label, target) in GROUPS.items()}  # fmt: skip
 SPREAD_KEYS = ("accuracy", "token_ratio", "macs_fraction", "gmacs")
 LEVEL_KEYS = ("logit_offset", "accuracy_uncalibrated", "token_ratio_uncalibrated", "blank_token_ratio",
@@ -869,15 +897,17 @@ def render_main_backbone_sweep(sweep: list[dict]) -> list[str]:
     """The main job's phase-0 recipes (`main_backbone_sweep`), the best mean validation accuracy marked."""
     lines = ["**The main job's phase 0** (its fresh ViT/16; mean [min-max] over seeds; the example's defaults are the "
              "best mean on validation):", "",
-             "| learning rate | epochs | warmup | seeds | validation accuracy | test accuracy |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| ViT (width x layers) | learning rate | epochs | warmup | seeds | validation accuracy "
+             "| test accuracy | minutes per run (one thread, two runs at a time) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     best = max(sweep, key=lambda row: row["validation_accuracy"]) if sweep else None
     for row in sweep:
         cells = [f"{row[k]:.3f} [{row[k + '_min']:.3f}-{row[k + '_max']:.3f}]"
                  for k in ("validation_accuracy", "accuracy")]
         lr = f"{row['learning_rate']:g}" + (" (best)" if row is best else "")
         warmup = f"{row['warmup']:.0%} of the steps" if row.get("warmup") else "none"
-        lines.append(f"| {lr} | {row['epochs']} | {warmup} | {row['seeds']} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {row.get('size', '96x3')} | {lr} | {row['epochs']} | {warmup} | {row['seeds']} | "
+                     f"{cells[0]} | {cells[1]} | {row['minutes']:.1f} |")  # fmt: skip
     return lines
 
 
@@ -917,7 +947,8 @@ def render_sampling_level_choice(rows: list[dict]) -> list[str]:
     lines = [f"**Where the joint phase's samples are cut** (validation, {rows[0]['seeds']} seeds; the target cut is",
              "taken unless its mean accuracy, from the checkpoint or in the main job, is more than 1 point under the",
              "threshold cut's; drift: the largest distance of a run's training ratio from its target):", "",
-             "| cut | from the checkpoint (3 targets) | main job | drift, checkpoint / main job | chosen |",
+             "| cut | from the checkpoint (3 targets) | main job (its small ViT, as then) "
+             "| drift, checkpoint / main job | chosen |",
              "|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         lines.append(f"| {row['level']} | {row['validation_checkpoint']:.3f} | {row['validation_main_job']:.3f} | "

@@ -413,12 +413,19 @@ def test_empty_batch_is_a_clear_error():
         {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},  # ViT-S/16
         {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},  # ViT-Ti/16
         {
+            "hidden_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 256,
+            "image_size": 96,
+        },  # the built-in data's ViT
+        {
             "hidden_size": 96,
             "num_hidden_layers": 3,
             "num_attention_heads": 3,
             "intermediate_size": 192,
             "image_size": 96,
-        },  # the built-in data's ViT
+        },  # its former small ViT: the gate's narrowest width
     ],
 )
 @pytest.mark.parametrize("gate_input", ["pixels", "embeddings"])
