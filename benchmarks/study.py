@@ -43,6 +43,7 @@ run writes a marker when done, so an interrupted study resumes where it stopped.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -615,7 +616,8 @@ def resampled_spreads(dynamic_runs: dict, baselines: list[dict], fair_dirs: list
     """How much of a seed spread the test split's sampling alone makes: per MSViT group of 3+ seeds (and the ViT/16
     fine-tuned with every seed, and the main job's own phase-0 ViT/16s), the spread (max - min accuracy over seeds)
     on 2,000 resamples of the test split's source digits with replacement (both positions of a digit go together):
-    its 5/50/95% quantiles and the share of resamples within 2 points."""
+    its 5/50/95% quantiles and the share of resamples within 2 points; and the share of test images on which two seeds
+    disagree (one right, one wrong; mean over pairs), what a spread is made of."""
     groups = {label: [dynamic_runs[n] for n in dynamic_runs if n.startswith(prefix)]
               for (family, prefix), (label, _) in GROUPS.items() if family == "msvit"}  # fmt: skip
     fair = [path / "final" for path in fair_dirs if path.name.startswith("vit16_fair")]
@@ -636,9 +638,11 @@ def resampled_spreads(dynamic_runs: dict, baselines: list[dict], fair_dirs: list
         accuracy = per_digit[:, draws].sum(-1) / counts[draws].sum(-1)  # (seeds, resamples)
         spread = accuracy.max(0) - accuracy.min(0)
         observed = correct.mean(1)
+        disagreement = np.mean([np.mean(a != b) for a, b in itertools.combinations(correct, 2)])
         rows.append({"label": label, "seeds": len(runs), "spread": float(observed.max() - observed.min()),
                      **{f"spread_q{q}": float(np.quantile(spread, q / 100)) for q in (5, 50, 95)},
-                     "share_within_2_points": float((spread <= 0.02 + 1e-9).mean())})  # fmt: skip
+                     "share_within_2_points": float((spread <= 0.02 + 1e-9).mean()),
+                     "disagreement": float(disagreement)})  # fmt: skip
     return rows
 
 
@@ -914,13 +918,15 @@ def render_main_backbone_sweep(sweep: list[dict]) -> list[str]:
 def render_resampled_spreads(rows: list[dict]) -> list[str]:
     """`resampled_spreads`: each seed spread beside the spread of the same models on resamples of the test split."""
     lines = ["**Seed spreads and the test split's sampling** (max - min accuracy over seeds, in points; the same",
-             "models on 2,000 resamples of the test split's 180 source digits with replacement):", "",
-             "| models | seeds | spread on test | resampled: 5% / 50% / 95% | resamples within 2 points |",
-             "|---|---|---|---|---|"]  # fmt: skip
+             "models on 2,000 resamples of the test split's 180 source digits with replacement; the last column, the",
+             "share of test images on which two seeds disagree, one right and one wrong, mean over pairs):", "",
+             "| models | seeds | spread on test | resampled: 5% / 50% / 95% | resamples within 2 points "
+             "| images two seeds disagree on |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         quantiles = " / ".join(f"{100 * row[f'spread_q{q}']:.1f}" for q in (5, 50, 95))
         lines.append(f"| {row['label']} | {row['seeds']} | {100 * row['spread']:.1f} | {quantiles} | "
-                     f"{row['share_within_2_points']:.0%} |")  # fmt: skip
+                     f"{row['share_within_2_points']:.0%} | {row['disagreement']:.1%} |")  # fmt: skip
     return lines
 
 
