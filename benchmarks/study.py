@@ -400,6 +400,9 @@ def main_backbone_sweep(runs: dict, splits: dict) -> list[dict]:
         for key in ("validation_accuracy", "accuracy"):
             values = [result[key] for result in seeds]
             row[key], row[f"{key}_min"], row[f"{key}_max"] = float(np.mean(values)), min(values), max(values)
+        if len(names) > 1:
+            paths = [runs[name] / "phase-backbone" / "final" for name in names]
+            row["disagreement"] = disagreement(np.stack([correct_per_image(p, splits["test"]) for p in paths]))
         sweep.append(row)
     return sweep
 
@@ -656,6 +659,12 @@ def correct_per_image(run_dir: Path, split: Split) -> np.ndarray:
     return (logits.argmax(-1) == split.labels).numpy()
 
 
+def disagreement(correct: np.ndarray) -> float:
+    """The share of images on which two models disagree (one right, one wrong), mean over pairs; `correct` is
+    `(models, images)`."""
+    return float(np.mean([np.mean(a != b) for a, b in itertools.combinations(correct, 2)]))
+
+
 def resampled_spreads(dynamic_runs: dict, baselines: list[dict], fair_dirs: list[Path], split: Split) -> list[dict]:
     """How much of a seed spread the test split's sampling alone makes: per MSViT group of 3+ seeds (and the ViT/16
     fine-tuned with every seed, and the main job's own phase-0 ViT/16s), the spread (max - min accuracy over seeds)
@@ -682,11 +691,10 @@ def resampled_spreads(dynamic_runs: dict, baselines: list[dict], fair_dirs: list
         accuracy = per_digit[:, draws].sum(-1) / counts[draws].sum(-1)  # (seeds, resamples)
         spread = accuracy.max(0) - accuracy.min(0)
         observed = correct.mean(1)
-        disagreement = np.mean([np.mean(a != b) for a, b in itertools.combinations(correct, 2)])
         rows.append({"label": label, "seeds": len(runs), "spread": float(observed.max() - observed.min()),
                      **{f"spread_q{q}": float(np.quantile(spread, q / 100)) for q in (5, 50, 95)},
                      "share_within_2_points": float((spread <= 0.02 + 1e-9).mean()),
-                     "disagreement": float(disagreement)})  # fmt: skip
+                     "disagreement": disagreement(correct)})  # fmt: skip
     return rows
 
 
@@ -1007,17 +1015,18 @@ def render_main_backbone_sweep(sweep: list[dict]) -> list[str]:
     """The main job's phase-0 recipes (`main_backbone_sweep`), the best mean validation accuracy marked."""
     lines = ["**The main job's phase 0** (its fresh ViT/16; mean [min-max] over seeds; the example's defaults are the "
              "best mean on validation, a longer phase 0 only if more than half a point better):", "",
-             "| ViT (width x layers) | learning rate | epochs | warmup | seeds | validation accuracy "
-             "| test accuracy | minutes per run (one thread, two runs at a time) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| ViT (width x layers) | learning rate | epochs | warmup | seeds | validation accuracy | test accuracy "
+             "| test images two seeds disagree on | minutes per run (one thread, two runs at a time) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     best = chosen_backbone_recipe(sweep) if sweep else None
     for row in sweep:
         cells = [f"{row[k]:.3f} [{row[k + '_min']:.3f}-{row[k + '_max']:.3f}]"
                  for k in ("validation_accuracy", "accuracy")]
         lr = f"{row['learning_rate']:g}" + (" (chosen)" if row is best else "")
         warmup = f"{row['warmup']:.0%} of the steps" if row.get("warmup") else "none"
+        disagree = f"{row['disagreement']:.1%}" if "disagreement" in row else "-"
         lines.append(f"| {row.get('size', '96x3')} | {lr} | {row['epochs']} | {warmup} | {row['seeds']} | "
-                     f"{cells[0]} | {cells[1]} | {row['minutes']:.1f} |")  # fmt: skip
+                     f"{cells[0]} | {cells[1]} | {disagree} | {row['minutes']:.1f} |")  # fmt: skip
     return lines
 
 
