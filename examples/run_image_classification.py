@@ -78,6 +78,7 @@ from hf_msvit import (
 from hf_msvit import data as builtin_data
 from hf_msvit.models.msvit.convert_vit_to_msvit import JOINT_PHASE_NOISE_SCALE, JOINT_PHASE_SAMPLING_LEVEL
 from hf_msvit.training import (
+    Distillation,
     DynamicComputeTrainer,
     ImageTransform,
     collate_fn,
@@ -247,6 +248,17 @@ class ModelArguments:
             "help": "MSViT: `gate_sampling_level` of the joint phase: `target` (default for new gates: the batch's "
             "target fraction of regions fine) or `threshold`; the config's for an MSViT checkpoint."
         },
+    )
+    joint_distillation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a distillation term in the joint phase: the KL divergence from the predictions of the "
+            "static ViT / PVTv2 the model was upcycled from (trained in this run, or --model_name_or_path), frozen. "
+            "0: off. Not for an MSViT / DiT checkpoint (no static model to distil from)."
+        },
+    )
+    joint_distillation_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of both distributions in the distillation term."}
     )
     config_overrides: str | None = field(
         default=None,
@@ -465,14 +477,28 @@ def gate_learning_rate(model_args: ModelArguments, start: StartingPoint) -> floa
     return FRESH_MODEL_DEFAULTS[start.model_type].gate_learning_rate
 
 
-def joint_phase(model_args: ModelArguments, start: StartingPoint) -> phases.JointPhase:
+def joint_phase(model_args: ModelArguments, start: StartingPoint, teacher=None) -> phases.JointPhase:
     """What the joint phase changes: the `--joint_*` values given; new MSViT gates (upcycled in this run) otherwise
-    sample their decisions (`JOINT_PHASE_NOISE_SCALE`) at the target level (`JOINT_PHASE_SAMPLING_LEVEL`)."""
+    sample their decisions (`JOINT_PHASE_NOISE_SCALE`) at the target level (`JOINT_PHASE_SAMPLING_LEVEL`).
+    `teacher`: the static model upcycled (None when the run started from an MSViT / DiT checkpoint)."""
     noise, level = model_args.joint_gate_noise_scale, model_args.joint_gate_sampling_level
     if start.model is None and start.model_type == "msvit":
         noise = JOINT_PHASE_NOISE_SCALE if noise is None else noise
         level = JOINT_PHASE_SAMPLING_LEVEL if level is None else level
-    return phases.JointPhase(model_args.joint_gate_training_mode, model_args.joint_gate_learning_rate, noise, level)
+    distillation = None
+    if model_args.joint_distillation_weight:
+        if teacher is None:
+            raise ValueError(
+                "--joint_distillation_weight distils from the static ViT / PVTv2 the model is upcycled from, and a "
+                "run that continues an MSViT / DiT checkpoint has none: give the static checkpoint as "
+                "--model_name_or_path, or leave --joint_distillation_weight at 0."
+            )
+        distillation = Distillation(
+            teacher, model_args.joint_distillation_weight, model_args.joint_distillation_temperature
+        )
+    return phases.JointPhase(
+        model_args.joint_gate_training_mode, model_args.joint_gate_learning_rate, noise, level, distillation
+    )
 
 
 def fresh_default(model_args: ModelArguments, model_type: str, name: str):
@@ -612,10 +638,10 @@ def train(start: StartingPoint, runner: phases.PhaseRunner, model_args: ModelArg
     if start.fresh and model_args.backbone_only:
         return None, summary
     model = start.model if start.model is not None else upcycle(start, model_args)
-    start.backbone = None
+    teacher, start.backbone = start.backbone, None  # kept only as the joint phase's teacher, if it has one
     summary.gate_learning_rate = gate_learning_rate(model_args, start)
     gate_length = phases.phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps)
-    joint = joint_phase(model_args, start)
+    joint = joint_phase(model_args, start, teacher if model_args.joint_distillation_weight else None)
     summary.phases = runner.train_gates_then_jointly(model, gate_length, summary.gate_learning_rate, joint)
     return model, summary
 

@@ -43,7 +43,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import hub
-from .training import freeze_all_but_gates, gate_parameter_names, set_frozen_gate_level, unfreeze_all
+from .training import Distillation, freeze_all_but_gates, gate_parameter_names, set_frozen_gate_level, unfreeze_all
 
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,8 @@ class PhaseRunner:
             for name in gate_parameter_names(model) if joint_lr == 0 else []:
                 model.get_parameter(name).requires_grad_(False)
             try:
-                phases["joint"] = self.run("joint", model, gate_learning_rate=joint_lr or None)
+                teacher = {"distillation": joint.distillation} if joint.distillation is not None else {}
+                phases["joint"] = self.run("joint", model, gate_learning_rate=joint_lr or None, **teacher)
             finally:
                 unfreeze_all(model)
         return phases
@@ -277,12 +278,13 @@ class PhaseRunner:
 class JointPhase:
     """What the joint phase changes: an MSViT's `gate_training_mode` (e.g. `straight_through`, the selected tokens
     only: a cheaper step), `gate_noise_scale` and `gate_sampling_level` (None: as in the gate-only phase), and the
-    gates' learning rate (None: the gate-only phase's; 0: frozen)."""
+    gates' learning rate (None: the gate-only phase's; 0: frozen), and a `Distillation` from a teacher."""
 
     gate_training_mode: str | None = None
     gate_learning_rate: float | None = None
     gate_noise_scale: float | None = None
     gate_sampling_level: str | None = None
+    distillation: Distillation | None = None  # a teacher's predictions added to the loss (the joint phase only)
 
 
 def last_phase_metrics(phases: dict[str, dict]) -> dict:

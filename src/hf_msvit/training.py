@@ -174,6 +174,37 @@ def make_compute_metrics(ratio_name: str = "fine_region_ratio", static_macs_per_
     return compute_metrics
 
 
+@dataclass
+class Distillation:
+    """Soft-label distillation from a frozen `teacher`: `weight * temperature**2 * KL(teacher || student)` over the
+    class distributions at `temperature` (Hinton et al.; DeiT's soft distillation adds it to the task loss the same
+    way). The teacher sees the student's `pixel_values`; it runs without gradients and never trains."""
+
+    teacher: torch.nn.Module
+    weight: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.weight <= 0 or self.temperature <= 0:
+            raise ValueError(
+                f"Distillation needs a positive weight and temperature, got {self.weight} and {self.temperature} "
+                "(leave distillation out to train without a teacher)."
+            )
+        self.teacher.eval().requires_grad_(False)
+
+    def to(self, device) -> Distillation:
+        self.teacher.to(device)
+        return self
+
+    def loss(self, logits: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(pixel_values=pixel_values).logits
+        t = self.temperature
+        student, teacher = (torch.log_softmax(x.float() / t, dim=-1) for x in (logits, teacher_logits))
+        kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        return self.weight * t * t * kl
+
+
 class DynamicComputeTrainer(Trainer):
     """`Trainer` that reports what each image cost, and optionally trains the gates at their own learning rate.
 
@@ -190,11 +221,15 @@ class DynamicComputeTrainer(Trainer):
       and the model's `routing_loss` (MSViT's weighted gate loss, DiT's budget loss) is added to it.
     - FSDP2: evaluation forwards run under `hf_msvit.distributed.full_parameters`, so processes whose images take
       different routes still run the same collectives.
+    - `distillation` (a `Distillation`): in training, the KL divergence from a frozen teacher's predictions (e.g. the
+      static model the dynamic one was upcycled from) is added to the loss, as DynamicViT distils from its backbone.
     """
 
-    def __init__(self, *args, gate_learning_rate: float | None = None, **kwargs):
+    def __init__(self, *args, gate_learning_rate: float | None = None, distillation: Distillation | None = None,
+                 **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.gate_learning_rate = gate_learning_rate
+        self.distillation = distillation.to(self.args.device) if distillation is not None else None
         self._static_macs = static_macs(self.model)
         self._ratio_name = ratio_metric_name(self.model)
         self._train_sums = None  # MACs, ratio and images of the current logging window
@@ -215,6 +250,8 @@ class DynamicComputeTrainer(Trainer):
         routing = routing_loss(outputs) if own_task_loss and routing_loss is not None else None
         if routing is not None:
             loss = loss + routing
+        if self.distillation is not None and model.training:
+            loss = loss + self.distillation.loss(outputs["logits"], inputs["pixel_values"])
         spent = ComputeSpent.from_outputs(outputs)
         if spent is not None and model.training:
             self._add_to_train_window(spent, outputs.get("gate_loss"))

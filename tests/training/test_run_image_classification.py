@@ -29,7 +29,8 @@ def recorded_phases(monkeypatch):
     original = PhaseRunner.run
 
     def recording_run(self, name, model, overrides=None, **trainer_kwargs):
-        calls[name] = {**(overrides or {}), "gate_learning_rate": trainer_kwargs.get("gate_learning_rate")}
+        calls[name] = {**(overrides or {}), **{key: trainer_kwargs.get(key) for key in ("gate_learning_rate",
+                                                                                          "distillation")}}
         return original(self, name, model, overrides, **trainer_kwargs)
 
     monkeypatch.setattr(PhaseRunner, "run", recording_run)
@@ -312,3 +313,21 @@ def test_joint_phase_defaults_apply_to_new_msvit_gates_only(script):
     given = parse("joint_gate_noise_scale", 1.0, "joint_gate_sampling_level", "threshold")
     joint = script.joint_phase(given, new_gates)
     assert (joint.gate_noise_scale, joint.gate_sampling_level) == (1.0, "threshold")
+
+
+def test_joint_phase_distils_from_the_backbone_it_upcycled(script, tmp_path, recorded_phases):
+    """`--joint_distillation_weight`: the joint phase (only) distils from the static ViT phase 0 trained, frozen as
+    phase 0 left it; a run continuing an MSViT checkpoint has no static model and is refused before training."""
+    out = tmp_path / "run"
+    script.main(script_args(out, joint_distillation_weight=0.5, joint_distillation_temperature=2.0))
+    assert recorded_phases["backbone"]["distillation"] is None and recorded_phases["gate"]["distillation"] is None
+    distillation = recorded_phases["joint"]["distillation"]
+    assert (distillation.weight, distillation.temperature) == (0.5, 2.0)
+    from transformers import AutoModelForImageClassification
+
+    backbone = AutoModelForImageClassification.from_pretrained(out / "phase-backbone" / "final").state_dict()
+    teacher = distillation.teacher.state_dict()
+    assert backbone.keys() == teacher.keys() and all(torch.equal(backbone[key], teacher[key]) for key in backbone)
+    with pytest.raises(ValueError, match="continues an MSViT / DiT checkpoint"):
+        script.main(script_args(tmp_path / "continued", model_name_or_path=out, joint_distillation_weight=0.5))
+    assert not (tmp_path / "continued" / "phase-joint").exists()

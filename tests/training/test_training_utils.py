@@ -7,6 +7,7 @@ import torch
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
 from hf_msvit.training import (
+    Distillation,
     DynamicComputeTrainer,
     ImageTransform,
     collate_fn,
@@ -32,7 +33,7 @@ def image_dataset(processor, num_images=10, num_labels=3, size=32):
     return data, images
 
 
-def trainer_for(model, tmp_path, train_dataset=None, eval_dataset=None, **kwargs):
+def trainer_for(model, tmp_path, train_dataset=None, eval_dataset=None, distillation=None, **kwargs):
     args = TrainingArguments(
         str(tmp_path),
         per_device_train_batch_size=4,
@@ -49,6 +50,7 @@ def trainer_for(model, tmp_path, train_dataset=None, eval_dataset=None, **kwargs
         eval_dataset=eval_dataset,
         data_collator=collate_fn,
         compute_metrics=make_compute_metrics("fine_region_ratio", model.static_macs()),
+        distillation=distillation,
     )
 
 
@@ -256,3 +258,30 @@ def test_label_smoothing_keeps_the_routing_loss(make_model, tmp_path):
     plain = plain_trainer.compute_loss(model, dict(batch))
     torch.manual_seed(0)
     torch.testing.assert_close(plain, model(**batch).loss)
+
+
+def test_distillation_adds_the_teachers_kl_and_never_trains_the_teacher(tmp_path):
+    """`Distillation`: the training loss is the model's own plus weight * T^2 * KL(teacher || student) at temperature
+    T; the teacher stays frozen through training, and evaluation adds nothing."""
+    model, teacher = tiny_msvit(num_labels=3).train(), tiny_msvit(seed=1, num_labels=3)
+    before = {key: value.clone() for key, value in teacher.state_dict().items()}
+    data, _ = image_dataset(tiny_processor("msvit"))
+    batch = collate_fn([data[i] for i in range(4)])
+    distillation = Distillation(teacher, weight=0.5, temperature=2.0)
+    trainer = trainer_for(model, tmp_path, train_dataset=data, max_steps=2, distillation=distillation)
+    torch.manual_seed(0)
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    torch.manual_seed(0)
+    own = model(**batch).loss
+    with torch.no_grad():
+        target = torch.softmax(teacher(pixel_values=batch["pixel_values"]).logits / 2, -1)
+    kl = (target * (target.log() - torch.log_softmax(outputs.logits / 2, -1))).sum(-1).mean()
+    assert kl > 1e-4
+    torch.testing.assert_close(loss, own + 0.5 * 4 * kl)
+    model.eval()
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), model(**batch).loss)
+    trainer.train()
+    assert all(torch.equal(before[key], value) for key, value in teacher.state_dict().items())
+    assert not teacher.training and not any(parameter.requires_grad for parameter in teacher.parameters())
+    with pytest.raises(ValueError, match="positive weight and temperature"):
+        Distillation(teacher, weight=0.0)
