@@ -197,6 +197,11 @@ class Distillation:
         return self
 
     def loss(self, logits: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 2:
+            raise ValueError(
+                f"Distillation compares one class distribution per image, (batch, classes) logits; got shape "
+                f"{tuple(logits.shape)}. Per-pixel (segmentation) logits are not supported: train without it."
+            )
         with torch.no_grad():
             teacher_logits = self.teacher(pixel_values=pixel_values).logits
         t = self.temperature

@@ -285,3 +285,5 @@ def test_distillation_adds_the_teachers_kl_and_never_trains_the_teacher(tmp_path
     assert not teacher.training and not any(parameter.requires_grad for parameter in teacher.parameters())
     with pytest.raises(ValueError, match="positive weight and temperature"):
         Distillation(teacher, weight=0.0)
+    with pytest.raises(ValueError, match="one class distribution per image"):
+        distillation.loss(torch.zeros(4, 3, 8, 8), batch["pixel_values"])
