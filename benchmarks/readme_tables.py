@@ -235,6 +235,7 @@ def render_msvit_training_step() -> list[str]:
 
 RECIPE_NAMES = {
     "sparse": "sparse training, joint 180 steps",
+    "sparse_warmup": "sparse training, joint 180 steps, warming up over a tenth of each phase",
     "sparse_long": "sparse training, joint 540 steps",
     "paper": "the paper's choices (Gumbel noise, sampled pricing, masked map), dense grid, joint 180 steps",
 }
@@ -256,11 +257,12 @@ def render_dit_recipes() -> list[str]:
     payload, summary = dit_study_rows()
     pvt = payload["pvt_b0"]
     header = ["DiT-b0 recipe", "budget", "seeds", "accuracy", "vs PVTv2-b0", "eval compute", "train compute",
-              "train min / run"]  # fmt: skip
+              "train min / run", "validation accuracy"]  # fmt: skip
     rows = [
         [recipe_label(row), f"{row['budget']:g}", str(row["seeds"]), span(row, "accuracy"),
          f"{row['accuracy'] - pvt['accuracy']:+.3f}", span(row, "macs_fraction"),
-         number(row.get("train_macs_fraction"), 3), number(row.get("train_minutes"), 1)]
+         number(row.get("train_macs_fraction"), 3), number(row.get("train_minutes"), 1),
+         span(row, "validation_accuracy") if "validation_accuracy" in row else "-"]
         for row in summary
     ]  # fmt: skip
     caption = f"{split_line(payload)[:-1]}; PVTv2-b0 (static): {pvt['accuracy']:.3f} ± {pvt['accuracy_se']:.3f}"

@@ -224,7 +224,15 @@ def test_config_overrides_and_a_joint_phase_on_the_selected_tokens_with_frozen_g
         script.main(script_args(tmp_path / "bad2", config_overrides="gbas_input"))
 
 
-def test_dit_fresh_and_from_local_pvt_v2(script, tmp_path):
+def test_dit_fresh_and_from_local_pvt_v2(script, tmp_path, monkeypatch):
+    warmups = []  # the later phases' warmup of each run: DiT's default is none (MODEL_TYPE_TRAINING_DEFAULTS)
+    original_start = PhaseRunner.start.__func__
+
+    def recording_start(cls, args, **fields):
+        warmups.append(args.warmup_steps)
+        return original_start(cls, args, **fields)
+
+    monkeypatch.setattr(PhaseRunner, "start", classmethod(recording_start))
     out = tmp_path / "dit"
     metrics = script.main(script_args(out, model_type="dit_routing", canvas_size=64, max_steps=2))
     config = json.loads((out / "config.json").read_text())
@@ -251,6 +259,11 @@ def test_dit_fresh_and_from_local_pvt_v2(script, tmp_path):
     config = json.loads((out2 / "config.json").read_text())
     assert config["model_type"] == "dit_routing" and config["budget_target"] == 0.8
     assert "eval_token_keep_ratio" in metrics
+    # a PVTv2 checkpoint makes the run a DiT one (no --model_type): its defaults too; the command line still wins
+    script.main(script_args(tmp_path / "dit3", model_name_or_path=tmp_path / "pvt", canvas_size=64, warmup_steps=0.2,
+                            max_steps=1, gate_only_max_steps=1))  # fmt: skip
+    assert warmups == [0.0, 0.0, 0.2]
+    assert script.parse_arguments(["--output_dir", str(tmp_path)])[-1].warmup_steps == 0.1  # MSViT's
 
 
 def test_imagefolder_and_dataset_name(script, tmp_path):
