@@ -320,8 +320,13 @@ def recipe_choice(choice_runs: dict, dynamic_runs: dict, validation: "Split") ->
                      "accuracy": {t: [float(a) for a in values] for t, values in per_target.items()},
                      "mean": float(np.mean(list(per_target.values()))),
                      "mean_std": float(np.mean([np.std(values) for values in per_target.values()]))})  # fmt: skip
-    low, other = sorted(rows, key=lambda row: row["mean_std"])
-    chosen = low if low["mean"] >= other["mean"] - 0.01 else other
+    return steadiest_within_a_point(rows, "mean_std")
+
+
+def steadiest_within_a_point(rows: list[dict], std_key: str) -> list[dict]:
+    """Marks `chosen` the row of lowest `std_key` among those whose `mean` is within 1 point of the best mean."""
+    best = max(row["mean"] for row in rows)
+    chosen = min((row for row in rows if row["mean"] >= best - 0.01), key=lambda row: row[std_key])
     for row in rows:
         row["chosen"] = row is chosen
     return rows
@@ -347,18 +352,13 @@ def main_job_choice(choice_runs: dict, dynamic_runs: dict, validation: "Split") 
     nothing in a quick run."""
     if not choice_runs:
         return []
-    runs = {**dynamic_runs, **choice_runs}
+    runs, seeds = {**dynamic_runs, **choice_runs}, [*SEEDS, *CHOICE_SEEDS]
     rows = []
     for prefix, label in MAIN_CHOICE.items():
-        seeds = [*SEEDS, *CHOICE_SEEDS]
         accuracy = [float(correct_per_image(runs[f"{prefix}s{seed}"], validation).mean()) for seed in seeds]
         rows.append({"recipe": label, "prefix": prefix, "seeds": len(accuracy), "accuracy": accuracy,
                      "mean": float(np.mean(accuracy)), "std": float(np.std(accuracy))})  # fmt: skip
-    best = max(row["mean"] for row in rows)
-    chosen = min((row for row in rows if row["mean"] >= best - 0.01), key=lambda row: row["std"])
-    for row in rows:
-        row["chosen"] = row is chosen
-    return rows
+    return steadiest_within_a_point(rows, "std")
 
 
 # Where the joint phase's sampled decisions are cut: at the threshold (the former default: the noise pulled the main

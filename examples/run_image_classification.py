@@ -643,10 +643,11 @@ def train(start: StartingPoint, runner: phases.PhaseRunner, model_args: ModelArg
     if start.fresh and model_args.backbone_only:
         return None, summary
     model = start.model if start.model is not None else upcycle(start, model_args)
-    teacher, start.backbone = start.backbone, None  # kept only as the joint phase's teacher, if it has one
+    teacher = start.backbone if model_args.joint_distillation_weight else None  # kept only to distil from
+    start.backbone = None
     summary.gate_learning_rate = gate_learning_rate(model_args, start)
     gate_length = phases.phase_length(model_args.gate_only_epochs, model_args.gate_only_max_steps)
-    joint = joint_phase(model_args, start, teacher if model_args.joint_distillation_weight else None)
+    joint = joint_phase(model_args, start, teacher)
     summary.phases = runner.train_gates_then_jointly(model, gate_length, summary.gate_learning_rate, joint)
     return model, summary
 

@@ -257,8 +257,8 @@ class PhaseRunner:
             for name in gate_parameter_names(model) if joint_lr == 0 else []:
                 model.get_parameter(name).requires_grad_(False)
             try:
-                teacher = {"distillation": joint.distillation} if joint.distillation is not None else {}
-                phases["joint"] = self.run("joint", model, gate_learning_rate=joint_lr or None, **teacher)
+                extra = {"distillation": joint.distillation} if joint.distillation is not None else {}
+                phases["joint"] = self.run("joint", model, gate_learning_rate=joint_lr or None, **extra)
             finally:
                 unfreeze_all(model)
         return phases
